@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench.py $(ARGS)
 
 tiny: $(STAMP)
-	$(VENV)/bin/trgrpo build-tiny --force $(ARGS)
+	$(VENV)/bin/trgrpo build-tiny $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

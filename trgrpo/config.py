@@ -55,7 +55,9 @@ class LogicTaskConfig(TaskConfig):
     max_people: int = 2
     depth_constraint: int = 2  # statement nesting depth
     width_constraint: int = 2  # statement width
-    path: str | None = None  # local folder or file with K&K data (jsonl/json/parquet), instead of the generator
+    path: str | None = (
+        None  # local folder or file with K&K data (jsonl/json/parquet), instead of the generator
+    )
 
 
 @dataclass
@@ -70,6 +72,10 @@ class ToolQATaskConfig(TaskConfig):
     max_turns: int = 4  # tool calls allowed before the answer
     max_response_tokens: int = 256  # cap on the whole multi-turn response (ids incl. observations)
     calc: bool = False  # offer the `calc` tool as well
+    calc_share: float = 0.5  # with calc: fraction of questions asking for a difference of years
+    questions_per_world: int = (
+        32  # questions asked about one generated world (worlds per dataset = size / this)
+    )
     questions_path: str | None = None  # real data: NQ/HotpotQA-style jsonl with question and answers
     corpus_path: str | None = None  # real data: jsonl of {"title", "text"} documents to search
 
@@ -215,3 +221,74 @@ def register() -> None:
     cs.store(group="rollout", name="base_rollout", node=RolloutConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: the message says which field to change and how."""
+
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+WEIGHT_SHAPES = ("none", "sigmoid", "linear", "reverse")
+PLACEMENTS = ("loss", "ratio")
+ENGINES = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _one_of(value: object, valid: tuple, key: str) -> list[str]:
+    if value in valid:
+        return []
+    return [f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"]
+
+
+def problems(cfg: Config) -> list[str]:
+    """Every validation problem of a config, each naming the fields to change (empty when fine)."""
+    a, r, t = cfg.algo, cfg.rollout, cfg.trainer
+    out = _one_of(a.agg, AGG_MODES, "algo.agg")
+    out += _one_of(a.kl_estimator, KL_ESTIMATORS, "algo.kl_estimator")
+    out += _one_of(a.weights.shape, WEIGHT_SHAPES, "algo.weights.shape")
+    out += _one_of(a.weights.placement, PLACEMENTS, "algo.weights.placement")
+    out += _one_of(r.engine, ENGINES, "rollout.engine")
+    out += _one_of(cfg.model.dtype, DTYPES, "model.dtype")
+    checks = [
+        (r.group_size >= 2, f"rollout.group_size={r.group_size}: group advantages need at least 2 samples"),
+        (t.prompts_per_step >= 1, f"trainer.prompts_per_step={t.prompts_per_step} must be ≥ 1"),
+        (t.steps >= 1, f"trainer.steps={t.steps} must be ≥ 1"),
+        (t.ppo_epochs >= 1, f"trainer.ppo_epochs={t.ppo_epochs} must be ≥ 1"),
+        (t.minibatches >= 1, f"trainer.minibatches={t.minibatches} must be ≥ 1"),
+        (
+            t.prompts_per_step % max(t.minibatches, 1) == 0,
+            f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by trainer.minibatches="
+            f"{t.minibatches}: each minibatch must hold whole groups",
+        ),
+        (t.lr > 0, f"trainer.lr={t.lr} must be > 0"),
+        (t.max_grad_norm > 0, f"trainer.max_grad_norm={t.max_grad_norm} must be > 0"),
+        (r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be ≥ 1"),
+        (r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 for training (sampling)"),
+        (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
+        (a.clip_low >= 0 and a.clip_high >= 0, "algo.clip_low and algo.clip_high must be ≥ 0"),
+        (a.clip_low < 1, f"algo.clip_low={a.clip_low} must be < 1 (the ratio floor is 1 − clip_low)"),
+        (a.kl_coef >= 0, f"algo.kl_coef={a.kl_coef} must be ≥ 0"),
+        (a.agg_max_len >= 0, f"algo.agg_max_len={a.agg_max_len} must be ≥ 0 (0 = rollout.max_new_tokens)"),
+        (a.weights.lower <= a.weights.upper, "algo.weights.lower must be ≤ algo.weights.upper"),
+        (a.weights.tau > 0, f"algo.weights.tau={a.weights.tau} must be > 0"),
+        (t.max_tokens_per_microbatch >= 1, "trainer.max_tokens_per_microbatch must be ≥ 1"),
+        (t.logprob_chunk >= 1, "trainer.logprob_chunk must be ≥ 1"),
+        (t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be ≥ 0"),
+        (t.verify_timeout > 0, f"trainer.verify_timeout={t.verify_timeout} must be > 0 seconds"),
+        (t.verify_workers >= 0, "trainer.verify_workers must be ≥ 0 (0 = verify in this process)"),
+        (cfg.task.train_size >= t.prompts_per_step, "task.train_size must be ≥ trainer.prompts_per_step"),
+        (
+            all(1 <= k <= cfg.eval.n for k in cfg.eval.ks),
+            f"eval.ks={cfg.eval.ks} must lie in 1..eval.n={cfg.eval.n}",
+        ),
+    ]
+    out += [message for ok, message in checks if not ok]
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError listing every problem, or return."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(found))

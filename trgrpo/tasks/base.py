@@ -19,8 +19,12 @@ class Tool(Protocol):
     open_tag: str  # e.g. "<search>"
     close_tag: str  # e.g. "</search>": generation stops here and the tool runs
 
-    def __call__(self, query: str) -> str:
-        """Return the observation text (never raises; errors become text the policy can read)."""
+    def __call__(self, query: str, example: Example) -> str:
+        """The observation text appended after the call, e.g. "<information>…</information>".
+
+        `example` tells the tool which world or corpus the question lives in. Never raises: errors
+        become text the policy can read.
+        """
         ...
 
 

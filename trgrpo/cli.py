@@ -1,0 +1,103 @@
+"""`trgrpo train | eval | plan | show | report | build-tiny`: the command line.
+
+Each subcommand except `report` is a Hydra app over `trgrpo/conf/`, so every one takes the same
+overrides (`task=logic algo=grpo trainer.steps=50`, `-m` for multirun). The composed DictConfig is
+converted to the typed `Config` here and nothing below this module sees OmegaConf. User errors
+(`ConfigError`) print one message and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from trgrpo.config import Config, ConfigError, register
+
+COMMANDS = ("train", "eval", "plan", "show", "report", "build-tiny")
+USAGE = f"usage: trgrpo {{{'|'.join(COMMANDS)}}} [key=value ...] (Hydra overrides; -m for multirun)"
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The one conversion from Hydra's DictConfig to typed dataclasses."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Callable[[], None]:
+    @hydra.main(config_path="conf", config_name="config", version_base=None)
+    def app(cfg: DictConfig) -> None:
+        try:
+            body(to_config(cfg), cfg)
+        except ConfigError as err:
+            logging.getLogger("trgrpo").error("%s", err)
+            print(f"trgrpo {name}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return app
+
+
+def _train(cfg: Config, raw: DictConfig) -> None:
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from trgrpo.train import run
+
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def _eval(cfg: Config, raw: DictConfig) -> None:
+    from trgrpo.evaluate import run_eval
+
+    run_eval(cfg)
+
+
+def _plan(cfg: Config, raw: DictConfig) -> None:
+    from trgrpo.plan import print_plan
+
+    print_plan(cfg)
+
+
+def _show(cfg: Config, raw: DictConfig) -> None:
+    from trgrpo.show import show_task
+
+    show_task(cfg)
+
+
+def _build_tiny(cfg: Config, raw: DictConfig) -> None:
+    from trgrpo.models import build_tiny
+
+    path = build_tiny(cfg.model.tiny, cfg.task, seed=cfg.seed, force=True)
+    print(f"tiny model ready: {path}")
+
+
+BODIES = {"train": _train, "eval": _eval, "plan": _plan, "show": _show, "build-tiny": _build_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trgrpo: unknown command {command!r}; valid: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        return 2
+    if command == "report":
+        from trgrpo.report import main as report_main
+
+        return report_main(rest)
+    register()
+    sys.argv = [f"trgrpo {command}", *rest]
+    # plan/show/eval never write a run directory of their own.
+    if command in ("plan", "show", "build-tiny"):
+        sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
+    _hydra_app(command, BODIES[command])()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The learner: owns the policy, its optimizer and schedule, and the frozen reference model.
+
+`Learner.step` takes one step's rollouts and their advantages and does: old log-probs (only when the
+batch is used for more than one update), reference log-probs (only when β > 0), then for each epoch
+and minibatch the micro-batched backward passes, gradient clipping and the optimizer step. The loss
+normaliser is computed over the whole optimizer step, never per micro-batch, so micro-batching does
+not change the loss. What it does not do: sampling, rewards or advantages (the loop's job).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from trgrpo.algo.losses import Normalizer, bucket_metrics, bucket_sums, policy_loss
+from trgrpo.algo.token_weights import token_weights, weight_stats
+from trgrpo.config import AlgoConfig, TrainerConfig
+from trgrpo.learner.batch import MicroBatch, make_microbatches, to_device
+from trgrpo.learner.logprobs import response_logprobs
+from trgrpo.records import Rollout
+
+
+class NonFiniteStep(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+class Learner:
+    def __init__(
+        self,
+        model,
+        ref_model,
+        *,
+        trainer: TrainerConfig,
+        algo: AlgoConfig,
+        temperature: float,
+        max_new_tokens: int,
+        pad_id: int,
+    ):
+        self.model, self.ref_model = model, ref_model
+        self.trainer, self.algo = trainer, algo
+        self.temperature = temperature
+        self.max_len = algo.agg_max_len or max_new_tokens
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=trainer.lr,
+            weight_decay=trainer.weight_decay,
+            betas=(0.9, 0.999),
+        )
+        warmup = max(1, trainer.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+        self.bad_steps = 0  # consecutive skipped optimizer steps
+        self.skipped_steps = 0
+
+    def _weights(self, logprobs: Tensor) -> Tensor:
+        w = self.algo.weights
+        return token_weights(
+            logprobs, shape=w.shape, alpha=w.alpha, tau=w.tau, mu=w.mu, lower=w.lower, upper=w.upper
+        )
+
+    @torch.no_grad()
+    def _score(self, model, mbs: Sequence[MicroBatch]) -> list[Tensor]:
+        return [
+            response_logprobs(model, mb, temperature=self.temperature, chunk=self.trainer.logprob_chunk)[0]
+            for mb in mbs
+        ]
+
+    def step(self, rollouts: Sequence[Rollout], advantages: Tensor) -> dict[str, float]:
+        """One batch: ppo_epochs × minibatches optimizer steps. Returns the step's metrics."""
+        t = self.trainer
+        groups_per_mb = len(rollouts) // t.minibatches
+        minibatches = []
+        for k in range(t.minibatches):
+            rows = list(range(k * groups_per_mb, (k + 1) * groups_per_mb))
+            chosen = [rollouts[i] for i in rows]
+            mbs = [
+                to_device(mb, self.device)
+                for mb in make_microbatches(
+                    chosen, advantages[rows], max_tokens=t.max_tokens_per_microbatch, pad_id=self.pad_id
+                )
+            ]
+            minibatches.append(mbs)
+        reuse = t.ppo_epochs > 1 or t.minibatches > 1
+        old = [self._score(self.model, mbs) for mbs in minibatches] if reuse else None
+        ref = None
+        if self.algo.kl_coef > 0 and self.ref_model is not None:
+            ref = [self._score(self.ref_model, mbs) for mbs in minibatches]
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for epoch in range(t.ppo_epochs):
+            for k, mbs in enumerate(minibatches):
+                metrics = self._update(
+                    mbs, None if old is None else old[k], None if ref is None else ref[k], first=epoch == 0
+                )
+                for key, value in metrics.items():
+                    sums[key] += value
+                    counts[key] += 1
+        out = {key: value / counts[key] for key, value in sums.items()}  # mean over optimizer steps
+        out["train/skipped_steps"] = float(self.skipped_steps)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _update(
+        self, mbs: Sequence[MicroBatch], old: list[Tensor] | None, ref: list[Tensor] | None, *, first: bool
+    ) -> dict[str, float]:
+        a, t = self.algo, self.trainer
+        mask_all = [mb.response_mask for mb in mbs]
+        norm = Normalizer(
+            tokens=float(sum(int(m.sum()) for m in mask_all)),
+            sequences=float(sum(m.shape[0] for m in mask_all)),
+            max_len=float(self.max_len),
+        )
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = defaultdict(float)
+        weights_seen, entropy_sum, diff_sum, diff_max = [], 0.0, 0.0, 0.0
+        buckets = None
+        for i, mb in enumerate(mbs):
+            logprobs, entropy = response_logprobs(
+                self.model, mb, temperature=self.temperature, chunk=t.logprob_chunk, with_entropy=True
+            )
+            old_lp = None if old is None else old[i]
+            basis = (old_lp if old_lp is not None else logprobs).detach()
+            weights = self._weights(basis) if a.weights.shape != "none" else None
+            loss, parts = policy_loss(
+                logprobs,
+                old_lp,
+                mb.advantages,
+                mb.response_mask,
+                clip_low=a.clip_low,
+                clip_high=a.clip_high,
+                agg=a.agg,
+                token_weights=weights,
+                weight_placement=a.weights.placement,
+                weight_kl=a.weights.weight_kl,
+                ref_logprobs=None if ref is None else ref[i],
+                kl_coef=a.kl_coef,
+                kl_estimator=a.kl_estimator,
+                norm=norm,
+            )
+            loss.backward()
+            for key, value in parts.items():
+                metrics[key] += value
+            with torch.no_grad():
+                m = mb.response_mask
+                w = weights if weights is not None else torch.ones_like(basis)
+                weights_seen.append(w[m])
+                entropy_sum += float(entropy[m].sum())
+                diff = (basis - mb.sampler_logprobs).abs()[m]
+                if diff.numel():
+                    diff_sum += float(diff.sum())
+                    diff_max = max(diff_max, float(diff.max()))
+                b = bucket_sums(basis, mb.advantages, w, m)
+                buckets = b if buckets is None else buckets + b
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
+        self._apply(grad_norm, metrics.get("loss/policy", 0.0))
+        tokens = max(norm.tokens, 1.0)
+        all_w = torch.cat(weights_seen) if weights_seen else torch.ones(0)
+        metrics.update(
+            weight_stats(
+                all_w, torch.ones_like(all_w, dtype=torch.bool), lower=a.weights.lower, upper=a.weights.upper
+            )
+        )
+        metrics.update(bucket_metrics(buckets) if buckets is not None else {})
+        metrics["train/grad_norm"] = grad_norm
+        metrics["train/entropy"] = entropy_sum / tokens
+        if first:
+            metrics["rollout/logprob_diff_mean"] = diff_sum / tokens
+            metrics["rollout/logprob_diff_max"] = diff_max
+        metrics["train/tokens"] = norm.tokens
+        return dict(metrics)
+
+    def _apply(self, grad_norm: float, loss: float) -> None:
+        """Step the optimizer, or skip a non-finite step (counted; abort after max_bad_steps in a row)."""
+        if math.isfinite(grad_norm) and math.isfinite(loss):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= self.trainer.max_bad_steps:
+                raise NonFiniteStep(
+                    f"{self.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm "
+                    f"(last grad norm {grad_norm}); lower trainer.lr or check the data"
+                )
+        self.scheduler.step()

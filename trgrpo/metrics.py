@@ -1,0 +1,143 @@
+"""MetricsLogger: one JSON line a step in metrics.jsonl, a few samples a step in samples.jsonl, wandb
+when enabled, and a rich progress bar with a summary line every few steps on the console.
+
+Only the process that owns the run directory logs (rank 0 under torchrun). Warnings are printed once
+per kind, so a condition that holds every step (constant token weights, say) does not flood the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from trgrpo.config import LoggerConfig
+
+log = logging.getLogger("trgrpo")
+SUMMARY_KEYS = (
+    "reward/mean",
+    "eval_accuracy",
+    "train/grad_norm",
+    "weights/mean",
+    "rollout/response_len",
+    "time/step",
+)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        *,
+        config: Mapping[str, Any],
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.every = max(1, total_steps // 20)
+        self.warned: set[str] = set()
+        self.wandb = None
+        self.progress = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.samples_file = (run_dir / "samples.jsonl").open("a", encoding="utf-8")
+        if cfg.name == "wandb" and cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.project, mode=cfg.mode, dir=str(run_dir), config=dict(config), resume="allow"
+            )
+        if cfg.console:
+            self.console = Console(stderr=True)
+            self.progress = Progress(
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task_id = self.progress.add_task("", total=total_steps, completed=start_step)
+            self.progress.start()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
+        reward, speed = (
+            metrics.get("reward/mean", float("nan")),
+            metrics.get("perf/tokens_per_s", float("nan")),
+        )
+        if self.progress is not None:
+            self.progress.update(
+                self.task_id, completed=step, description=f"reward {reward:.3f}  {speed:,.0f} tok/s"
+            )
+        if step % self.every == 0 or step == self.total_steps:
+            shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
+            evals = "  ".join(
+                f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("accuracy")
+            )
+            log.info("step %d/%d  %s  %s", step, self.total_steps, shown, evals)
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self.enabled:
+            for row in rows:
+                self.samples_file.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+            self.samples_file.flush()
+
+    def warn_once(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            log.warning(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
+        self.samples_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def write_status(run_dir: Path, **fields: Any) -> None:
+    """run.json: status (running | finished | failed), names, seed, git SHA, steps. Merged, atomic."""
+    path = run_dir / "run.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,237 @@
+"""Loading the policy and tokenizer, and building the embedded tiny model.
+
+`load_policy` takes a hub id or a local folder (`model.path`), or, for `model=tiny`, the tiny model of
+the task: a small Llama with a byte-level BPE tokenizer trained on the task's text, warm-started by a
+short supervised pass on the task's demonstrations so that RL starts from a policy that is sometimes
+right. It is cached under $TRGRPO_CACHE (default ~/.cache/trgrpo) keyed by its config, built once and
+atomically (a half-built model is never picked up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trgrpo.config import ConfigError, ModelConfig, TaskConfig, TinyConfig
+
+log = logging.getLogger("trgrpo")
+TINY_FORMAT = 1  # bump when the build recipe changes, so old caches are not reused
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Whole tokens for the tags the tasks use, so stop strings end exactly on a token boundary.
+TAG_TOKENS = [
+    f"<{s}{t}>" for t in ("think", "answer", "search", "information", "calc", "result") for s in ("", "/")
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRGRPO_CACHE", Path.home() / ".cache" / "trgrpo"))
+
+
+def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
+    data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ("eval_size", "reward")}
+    blob = json.dumps([TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed], sort_keys=True, default=str)
+    return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def load_policy(model: ModelConfig, task: TaskConfig, *, seed: int = 0, device: str = "cpu"):
+    """(model, tokenizer) from `model.path`, or the cached tiny model of `task` (built if missing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model.path is None:
+        if model.name != "tiny":
+            raise ConfigError(f"model={model.name} needs model.path (a hub id or a local folder)")
+        path = build_tiny(model.tiny, task, seed=seed)
+    else:
+        path = model.path
+        looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+        if looks_local and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.path={path!r} does not exist (give a local model folder or a hub id)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model.trust_remote_code)
+        policy = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code
+        )
+    except OSError as err:
+        raise ConfigError(f"model.path={path!r} could not be loaded: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return policy.to(device), tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a user message under the model's chat template (plain text when it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def context_limit(model, cfg: ModelConfig) -> int:
+    return cfg.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+
+
+# ------------------------------------------------------------------------------------- tiny model
+
+
+def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: bool = False) -> Path:
+    """Build (or find) the tiny model for a task; returns its folder."""
+    from trgrpo.tasks import make_task
+
+    target = cache_root() / "tiny" / tiny_key(tiny, task_cfg, seed)
+    if (target / "config.json").exists() and not force:
+        return target
+    task = make_task(task_cfg)
+    started = time.perf_counter()
+    examples = task.dataset(
+        "train",
+        min(task_cfg.train_size, tiny.warmstart_steps * tiny.warmstart_batch),
+        seed=task_cfg.data_seed,
+    )
+    tokenizer = _train_tokenizer(task, examples, tiny.vocab_size)
+    model = _init_model(tokenizer, tiny, seed)
+    final_loss = _warm_start(model, tokenizer, task, examples, tiny, seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "trgrpo_tiny.json").write_text(
+        json.dumps(
+            {"task": task_cfg.name, "warmstart_loss": final_loss, "seconds": time.perf_counter() - started}
+        )
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info(
+        "built tiny model for task=%s in %.0fs (warm-start loss %.3f): %s",
+        task_cfg.name,
+        time.perf_counter() - started,
+        final_loss,
+        target,
+    )
+    return target
+
+
+def _render(tokenizer, example, segments) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + demonstration + EOS, and which of them the warm start trains on."""
+    ids = encode_prompt(tokenizer, example.prompt)
+    mask = [False] * len(ids)
+    for text, trainable in segments:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [trainable] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    mask.append(True)
+    return ids, mask
+
+
+def _train_tokenizer(task, examples, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    # Digits one per token (as Llama 3 / Qwen do): arithmetic stays learnable for a tiny model.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    texts = [ex.prompt for ex in examples[:2000]]
+    texts += ["".join(text for text, _ in task.demonstration(ex)) for ex in examples[:2000]]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token=None, unk_token=None
+    )
+    tokenizer.add_tokens(TAG_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _init_model(tokenizer, tiny: TinyConfig, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.layers,
+        num_attention_heads=tiny.heads,
+        num_key_value_heads=tiny.heads,
+        max_position_embeddings=tiny.max_position,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _warm_start(model, tokenizer, task, examples, tiny: TinyConfig, seed: int) -> float:
+    """Supervised learning on demonstrations (trainable segments only); returns the last loss."""
+    rows = [_render(tokenizer, ex, task.demonstration(ex)) for ex in examples]
+    too_long = sum(len(ids) > tiny.max_position for ids, _ in rows)
+    if too_long:
+        raise ConfigError(
+            f"{too_long} warm-start examples exceed model.tiny.max_position={tiny.max_position}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tiny.warmstart_lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
+    warmup = max(1, tiny.warmstart_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * min(s, tiny.warmstart_steps) / tiny.warmstart_steps))
+        ),
+    )
+    model.train()
+    loss_value = float("nan")
+    for _ in range(tiny.warmstart_steps):
+        pick = torch.randint(len(rows), (tiny.warmstart_batch,), generator=generator).tolist()
+        input_ids, labels, attention = _pad([rows[i] for i in pick], tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+    model.eval()
+    return loss_value
+
+
+def _pad(rows, pad_id: int):
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # HF's ignore index, local to this call
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        labels[i, : len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
+    return input_ids, labels, attention

@@ -1,0 +1,119 @@
+"""The `hf` engine: batched sampling with `transformers` generate on the learner's own model.
+
+It shares the policy module with the learner, so `load_weights` has nothing to copy. Sampler log-probs
+are log-softmax(raw logits / temperature) over the full vocabulary at the sampled ids, the same
+quantity the learner computes (ALGORITHMS.md, "Log-probs"); top-p only changes which ids are drawn.
+Sampling uses a forked RNG seeded per call, so generation never moves the learner's RNG and a run is
+reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from trgrpo.records import Completion, Sampling
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, *, batch_size: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size  # prompts per generate call; 0 = all at once
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Nothing to do: this engine samples from the learner's module itself."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        step = self.batch_size or len(prompts) or 1
+        out: list[Completion] = []
+        for start in range(0, len(prompts), step):
+            seed = None if sampling.seed is None else sampling.seed + start
+            out += self._generate_batch(prompts[start : start + step], sampling, seed)
+        return out
+
+    def _generate_batch(
+        self, prompts: list[list[int]], sampling: Sampling, seed: int | None
+    ) -> list[Completion]:
+        rows = [p for p in prompts for _ in range(sampling.n)]
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(rows):  # left padding: every row's next token is at the same position
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            pad_token_id=pad,
+            eos_token_id=self.eos_ids,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            result = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+            )
+        self.model.train(was_training)
+        new_ids = result.sequences[:, width:].cpu()
+        temperature = 1.0 if sampling.greedy else sampling.temperature
+        logits = torch.stack(result.logits, dim=1).float().cpu()  # [B, T, V]
+        logprobs = (
+            torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
+        )
+        return [
+            self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(rows))
+        ]
+
+    def _completion(self, ids: list[int], logprobs: list[float], sampling: Sampling) -> Completion:
+        end, reason = len(ids), "length"
+        for k, token in enumerate(ids):
+            if token in self.eos_ids:
+                end, reason = k + 1, "stop"
+                break
+        if sampling.stop:
+            stop_end = _stop_string_end(self.tokenizer, ids[:end], sampling.stop)
+            if stop_end is not None:
+                end, reason = stop_end, "stop"
+        ids, logprobs = ids[:end], logprobs[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(tuple(ids), tuple(logprobs), (True,) * len(ids), text, reason)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _stop_string_end(tokenizer, ids: list[int], stops: tuple[str, ...]) -> int | None:
+    """The number of tokens up to and including the one that completes the first stop string."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    hits = [text.find(s) + len(s) for s in stops if s in text]
+    if not hits:
+        return None
+    target = min(hits)
+    lo, hi = 1, len(ids)  # smallest k with len(decode(ids[:k])) >= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=False)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

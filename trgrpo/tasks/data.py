@@ -1,0 +1,42 @@
+"""Loading real datasets for tasks: a hub id, a `save_to_disk` folder, or local json/jsonl/parquet/csv files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trgrpo.config import ConfigError
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_records(source: str, split: str, *, config: str | None = None, what: str = "dataset") -> list[dict]:
+    """Rows of `split` as plain dicts. `what` names the config field in error messages."""
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and (path / "dataset_dict.json").exists():
+            data = datasets.load_from_disk(str(path))[split]
+        elif path.is_dir() and (path / "dataset_info.json").exists():
+            data = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+            matching = [p for p in files if split in p.stem] or files
+            if not matching:
+                raise ConfigError(f"{what}={source!r}: no .json/.jsonl/.parquet/.csv files in that folder")
+            data = datasets.load_dataset(
+                _BUILDERS[matching[0].suffix], data_files=[str(p) for p in matching]
+            )["train"]
+        elif path.suffix in _BUILDERS:
+            if not path.exists():
+                raise ConfigError(f"{what}={source!r}: no such file")
+            data = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path))["train"]
+        elif source.startswith((".", "/", "~")):
+            raise ConfigError(f"{what}={source!r}: no such file or folder")
+        else:  # a hub id; works offline only when it is in the local cache
+            data = datasets.load_dataset(source, config, split=split)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{what}={source!r} (split {split!r}) could not be loaded: {err}") from err
+    return [dict(row) for row in data]

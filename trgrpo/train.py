@@ -1,0 +1,333 @@
+"""`trgrpo train`: the RL loop, top to bottom in `run`.
+
+prompts → engine (+ agent loop for tools) → verifier pool → group advantages (→ dynamic sampling) →
+learner step (old/ref log-probs, token weights, policy loss, clip, optimizer) → weight sync →
+metrics, samples, evaluation, checkpoints. No callbacks or hooks: change the loop to change training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from trgrpo import checkpoint
+from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
+from trgrpo.config import Config, validate
+from trgrpo.evaluate import evaluate_examples
+from trgrpo.learner.learner import Learner, NonFiniteStep
+from trgrpo.metrics import MetricsLogger, write_status
+from trgrpo.models import context_limit, load_policy
+from trgrpo.records import Rollout, Sampling
+from trgrpo.rollout import make_engine
+from trgrpo.rollout.collect import sample_and_score
+from trgrpo.tasks import make_task
+from trgrpo.tasks.verify_pool import VerifyPool
+
+log = logging.getLogger("trgrpo")
+
+
+class PromptSampler:
+    """Walks the training set in a reshuffled order each pass; its position is checkpointed."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch, self.position = size, seed, 0, 0
+        self.order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._shuffled()
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.order = self._shuffled()
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rollout_metrics(rollouts: list[Rollout], rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+    lengths = torch.tensor([float(sum(r.completion.response_mask)) for r in rollouts])
+    out = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "verify/unscorable": float(sum(r.reward.unscorable for r in rollouts)),
+        "rollout/response_len": float(lengths.mean()),
+        "rollout/truncated": float(np.mean([r.completion.finish_reason == "length" for r in rollouts])),
+        "rollout/zero_adv_groups": float(zero_advantage_groups(rewards.view(-1, group_size)).float().mean()),
+    }
+    keys = {k for r in rollouts for k in r.reward.components}
+    for key in sorted(keys):
+        name = f"rollout/{key.removeprefix('diag_')}" if key.startswith("diag_") else f"reward/{key}"
+        out[name] = float(np.mean([r.reward.components.get(key, 0.0) for r in rollouts]))
+    return out
+
+
+def sample_groups(ctx, sampler: PromptSampler, train_data, cfg: Config, step: int):
+    """N groups of G rollouts. With dynamic sampling (DAPO), equal-reward groups are dropped and more
+    prompts are drawn, for at most `dynamic_sampling_max_rounds` extra rounds."""
+    n, g = cfg.trainer.prompts_per_step, cfg.rollout.group_size
+    kept: list[Rollout] = []
+    drawn = 0
+    rounds = 1 + (cfg.algo.dynamic_sampling_max_rounds if cfg.algo.dynamic_sampling else 0)
+    for r in range(rounds):
+        examples = [train_data[i] for i in sampler.next(n)]
+        sampling = dataclasses.replace(ctx["sampling"], seed=cfg.seed * 1_000_003 + step * 131 + r)
+        fresh = sample_and_score(
+            ctx["engine"],
+            ctx["task"],
+            ctx["pool"],
+            ctx["tokenizer"],
+            examples,
+            sampling,
+            cfg.task,
+            limit=ctx["limit"],
+        )
+        drawn += len(fresh)
+        if not cfg.algo.dynamic_sampling:
+            return fresh, drawn
+        for k in range(0, len(fresh), g):
+            group = fresh[k : k + g]
+            if len({ro.reward.score for ro in group}) > 1:
+                kept += group
+        if len(kept) >= n * g:
+            break
+    return (kept[: n * g] or fresh), drawn
+
+
+def evaluate_now(ctx, eval_data, cfg: Config) -> dict[str, float]:
+    result = evaluate_examples(
+        ctx["engine"],
+        ctx["task"],
+        ctx["pool"],
+        ctx["tokenizer"],
+        eval_data,
+        cfg.task,
+        n=cfg.trainer.eval_samples,
+        ks=[k for k in cfg.eval.ks if k <= cfg.trainer.eval_samples] or [1],
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        limit=ctx["limit"],
+        seed=cfg.seed,
+        resamples=200,
+    )
+    return {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
+
+
+def run(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Train; returns the last step's metrics (with the final evaluation)."""
+    validate(cfg)
+    t = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(t.device)
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if not hydra_cfg.exists():  # called without Hydra (tests, scripts): save the config ourselves
+        hydra_cfg.parent.mkdir(parents=True, exist_ok=True)
+        hydra_cfg.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_status(
+        run_dir,
+        status="running",
+        task=cfg.task.name,
+        algo=cfg.algo.name,
+        seed=cfg.seed,
+        git_sha=git_sha(),
+        steps=t.steps,
+        last_step=0,
+    )
+
+    task = make_task(cfg.task)
+    policy, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed, device=str(device))
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
+    engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed)
+    train_data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
+    eval_data = task.dataset("test", cfg.task.eval_size, cfg.task.data_seed)
+    sampler = PromptSampler(len(train_data), cfg.seed)
+    learner = Learner(
+        policy,
+        ref_model,
+        trainer=t,
+        algo=cfg.algo,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        pad_id=tokenizer.pad_token_id,
+    )
+    r = cfg.rollout
+    ctx = {
+        "engine": engine,
+        "task": task,
+        "tokenizer": tokenizer,
+        "limit": context_limit(policy, cfg.model),
+        "sampling": Sampling(
+            temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, n=r.group_size
+        ),
+        "pool": VerifyPool(cfg.task, workers=t.verify_workers, timeout=t.verify_timeout, task=task),
+    }
+    start = 0
+    resume_from = checkpoint.find_resume(t.resume, run_dir)
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        checkpoint.load_model_weights(policy, resume_from)
+        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.scheduler.load_state_dict(state["scheduler"])
+        learner.skipped_steps = state.get("skipped_steps", 0)
+        sampler.load(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        engine.load_weights(policy.named_parameters())
+        start = state["step"]
+        log.info("resumed from %s at step %d", resume_from, start)
+    logger = MetricsLogger(
+        run_dir, cfg.logger, config=dataclasses.asdict(cfg), total_steps=t.steps, start_step=start
+    )
+    if cfg.algo.weights.shape != "none":
+        log.info("token weights: %s, placement %s", cfg.algo.weights.shape, cfg.algo.weights.placement)
+
+    def save(step: int) -> None:
+        trainer_state = {
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "sampler": sampler.state(),
+            "skipped_steps": learner.skipped_steps,
+        }
+        try:
+            checkpoint.save(
+                run_dir / "checkpoints",
+                step,
+                model=policy,
+                tokenizer=tokenizer,
+                trainer_state=trainer_state,
+                keep_last=t.keep_last,
+            )
+        except OSError as err:
+            logger.warn_once(
+                f"save{step}", f"checkpoint at step {step} failed ({err}); the previous one is intact"
+            )
+
+    metrics: dict[str, float] = {}
+    completed = start  # the last step whose update, metrics and status are all written
+    try:
+        for step in range(start + 1, t.steps + 1):
+            t0 = time.perf_counter()
+            rollouts, drawn = sample_groups(ctx, sampler, train_data, cfg, step)
+            t1 = time.perf_counter()
+            g = r.group_size
+            rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
+            advantages = group_advantages(rewards.view(-1, g), std_normalize=cfg.algo.std_normalize).view(-1)
+            metrics = rollout_metrics(rollouts, rewards, g)
+            metrics.update(learner.step(rollouts, advantages))
+            t2 = time.perf_counter()
+            engine.load_weights(policy.named_parameters())
+            t3 = time.perf_counter()
+            if metrics.get("weights/constant") == 1.0 and cfg.algo.weights.shape != "none":
+                logger.warn_once(
+                    "constant",
+                    "token weights are constant over a batch: this configuration is GRPO "
+                    "with a scale (check algo.weights.tau; see README, 'TR-GRPO weight')",
+                )
+            tokens = sum(len(ro.completion.token_ids) for ro in rollouts)
+            metrics.update(
+                {
+                    "time/generate": t1 - t0,
+                    "time/update": t2 - t1,
+                    "time/sync": t3 - t2,
+                    "rollout/drawn": float(drawn),
+                }
+            )
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                te = time.perf_counter()
+                metrics.update(evaluate_now(ctx, eval_data, cfg))
+                metrics["time/eval"] = time.perf_counter() - te
+            metrics["time/step"] = time.perf_counter() - t0
+            metrics["perf/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
+            logger.log(step, metrics)
+            logger.samples(step, [_sample_row(ro) for ro in rollouts[: t.samples_per_step]])
+            write_status(run_dir, last_step=step)
+            completed = step
+            if t.save_every and step % t.save_every == 0 and step != t.steps:
+                save(step)
+        metrics.update(evaluate_now(ctx, eval_data, cfg))
+        logger.log(t.steps, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+        save(t.steps)
+        _write_eval(run_dir, cfg, t.steps, metrics)
+        write_status(run_dir, status="finished", last_step=t.steps)
+    except KeyboardInterrupt:
+        save(completed)
+        write_status(run_dir, status="interrupted", last_step=completed)
+        raise
+    except NonFiniteStep as err:
+        write_status(run_dir, status="failed", error=str(err))
+        raise
+    except Exception as err:
+        write_status(run_dir, status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        logger.close()
+        ctx["pool"].close()
+    return metrics
+
+
+def _sample_row(ro: Rollout) -> dict:
+    return {
+        "id": ro.example.id,
+        "prompt": ro.example.prompt,
+        "response": ro.completion.text,
+        "answer": ro.example.answer,
+        "reward": ro.reward.score,
+        "finish": ro.completion.finish_reason,
+    }
+
+
+def _write_eval(run_dir: Path, cfg: Config, step: int, metrics: dict[str, float]) -> None:
+    prefix = f"eval/{cfg.task.name}/"
+    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    (run_dir / "eval.json").write_text(
+        json.dumps({"task": cfg.task.name, "step": step, "metrics": found}, indent=2)
+    )
