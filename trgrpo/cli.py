@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from trgrpo.config import Config, ConfigError, register
 
@@ -22,8 +23,24 @@ USAGE = f"usage: trgrpo {{{'|'.join(COMMANDS)}}} [key=value ...] (Hydra override
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """The one conversion from Hydra's DictConfig to typed dataclasses."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    """The one conversion from Hydra's DictConfig to typed dataclasses (a missing value is a ConfigError)."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or "a config value"
+        raise ConfigError(
+            f"{key} has no value: set {key}=<value>, or pick a preset of its group (e.g. algo=tr_grpo)"
+        ) from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).strip()) from err
+
+
+def _log_to_files(err: Exception) -> None:
+    """Record a user error in the run's log file, not on the console (stderr gets it once, below)."""
+    record = logging.LogRecord("trgrpo", logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Callable[[], None]:
@@ -32,7 +49,7 @@ def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Calla
         try:
             body(to_config(cfg), cfg)
         except ConfigError as err:
-            logging.getLogger("trgrpo").error("%s", err)
+            _log_to_files(err)
             print(f"trgrpo {name}: error: {err}", file=sys.stderr)
             sys.exit(2)
 
@@ -68,8 +85,12 @@ def _show(cfg: Config, raw: DictConfig) -> None:
 
 
 def _build_tiny(cfg: Config, raw: DictConfig) -> None:
+    import torch
+
     from trgrpo.models import build_tiny
 
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
     path = build_tiny(cfg.model.tiny, cfg.task, seed=cfg.seed, force=True)
     print(f"tiny model ready: {path}")
 
@@ -84,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"trgrpo: unknown command {command!r}; valid: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
+        print(
+            f"trgrpo: error: unknown command {command!r}; valid: {', '.join(COMMANDS)}\n{USAGE}",
+            file=sys.stderr,
+        )
         return 2
     if command == "report":
         from trgrpo.report import main as report_main

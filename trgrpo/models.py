@@ -25,7 +25,8 @@ import torch
 from trgrpo.config import ConfigError, ModelConfig, TaskConfig, TinyConfig
 
 log = logging.getLogger("trgrpo")
-TINY_FORMAT = 1  # bump when the build recipe changes, so old caches are not reused
+TINY_FORMAT = 1
+WARMSTART_EXAMPLES = 16384  # the most warm-start examples drawn; tasks keep test data out of these  # bump when the build recipe changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Whole tokens for the tags the tasks use, so stop strings end exactly on a token boundary.
 TAG_TOKENS = [
@@ -43,7 +44,8 @@ def cache_root() -> Path:
 
 
 def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
-    data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ("eval_size", "reward")}
+    ignored = ("train_size", "eval_size", "reward", "format_reward", "overlong_penalty")
+    data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ignored}
     blob = json.dumps([TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed], sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

@@ -110,6 +110,26 @@ class Learner:
     def _update(
         self, mbs: Sequence[MicroBatch], old: list[Tensor] | None, ref: list[Tensor] | None, *, first: bool
     ) -> dict[str, float]:
+        """One optimizer step over a minibatch's micro-batches."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.backward(mbs, old, ref)
+        if not first:
+            metrics.pop("rollout/logprob_diff_mean")
+            metrics.pop("rollout/logprob_diff_max")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm))
+        self._apply(grad_norm, metrics.get("loss/policy", 0.0) + metrics.get("loss/kl", 0.0))
+        metrics["train/grad_norm"] = grad_norm
+        return metrics
+
+    def backward(
+        self, mbs: Sequence[MicroBatch], old: list[Tensor] | None = None, ref: list[Tensor] | None = None
+    ) -> dict[str, float]:
+        """Accumulate the gradient of one optimizer step's loss, micro-batch by micro-batch.
+
+        The normaliser covers all of `mbs`, so the accumulated gradient does not depend on how the
+        rows were split into micro-batches. Returns the loss parts and diagnostics.
+        """
         a, t = self.algo, self.trainer
         mask_all = [mb.response_mask for mb in mbs]
         norm = Normalizer(
@@ -117,8 +137,6 @@ class Learner:
             sequences=float(sum(m.shape[0] for m in mask_all)),
             max_len=float(self.max_len),
         )
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = defaultdict(float)
         weights_seen, entropy_sum, diff_sum, diff_max = [], 0.0, 0.0, 0.0
         buckets = None
@@ -159,8 +177,6 @@ class Learner:
                     diff_max = max(diff_max, float(diff.max()))
                 b = bucket_sums(basis, mb.advantages, w, m)
                 buckets = b if buckets is None else buckets + b
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm))
-        self._apply(grad_norm, metrics.get("loss/policy", 0.0))
         tokens = max(norm.tokens, 1.0)
         all_w = torch.cat(weights_seen) if weights_seen else torch.ones(0)
         metrics.update(
@@ -169,11 +185,9 @@ class Learner:
             )
         )
         metrics.update(bucket_metrics(buckets) if buckets is not None else {})
-        metrics["train/grad_norm"] = grad_norm
         metrics["train/entropy"] = entropy_sum / tokens
-        if first:
-            metrics["rollout/logprob_diff_mean"] = diff_sum / tokens
-            metrics["rollout/logprob_diff_max"] = diff_max
+        metrics["rollout/logprob_diff_mean"] = diff_sum / tokens
+        metrics["rollout/logprob_diff_max"] = diff_max
         metrics["train/tokens"] = norm.tokens
         return dict(metrics)
 

@@ -19,7 +19,8 @@ from trgrpo.tasks.answer import last_boxed
 from trgrpo.tasks.data import load_records
 
 PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
-TEST_SEED_OFFSET = 1_000_003  # test data comes from seeds disjoint from any training seed
+TEST_SEED_OFFSET = 1_000_003
+WARMSTART_EXAMPLES = 16384  # = trgrpo.models.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
 _INT = re.compile(r"^[+-]?\d+$")
 
 
@@ -60,7 +61,10 @@ class MathTask:
         if split != "test":
             return self._generated(split, size, seed)
         # Never evaluate on a question the training split contains (small arithmetic spaces repeat).
-        seen = {ex.prompt for ex in self._generated("train", self.cfg.train_size, seed)}
+        # The tiny model's warm start reads the first WARMSTART_EXAMPLES of the same training stream.
+        seen = {
+            ex.prompt for ex in self._generated("train", max(self.cfg.train_size, WARMSTART_EXAMPLES), seed)
+        }
         items: list[Example] = []
         for factor in (2, 8, 32):
             items = [ex for ex in self._generated(split, factor * size + 64, seed) if ex.prompt not in seen]

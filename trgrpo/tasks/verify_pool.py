@@ -10,7 +10,7 @@ tests and debugging use.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from trgrpo.config import TaskConfig
@@ -21,9 +21,9 @@ UNSCORABLE = Reward(0.0, {}, unscorable=True)
 _worker_task: Task | None = None
 
 
-def _init_worker(cfg: TaskConfig) -> None:
+def _init_worker(factory: Callable[[TaskConfig], Task], cfg: TaskConfig) -> None:
     global _worker_task
-    _worker_task = make_task(cfg)
+    _worker_task = factory(cfg)
 
 
 def _verify(example: Example, response: str) -> Reward:
@@ -34,9 +34,18 @@ def _verify(example: Example, response: str) -> Reward:
 class VerifyPool:
     """Owns the worker processes; `score` returns one Reward per (example, response) pair, in order."""
 
-    def __init__(self, cfg: TaskConfig, *, workers: int, timeout: float, task: Task | None = None):
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        *,
+        workers: int,
+        timeout: float,
+        task: Task | None = None,
+        factory: Callable[[TaskConfig], Task] = make_task,
+    ):
+        """`factory(cfg)` builds the task in each worker: it must be importable (picklable by name)."""
         self.timeout = timeout
-        self.task = task if task is not None else make_task(cfg)
+        self.task = task if task is not None else factory(cfg)
         self.pool = None
         if workers > 0:
             import pebble
@@ -45,7 +54,7 @@ class VerifyPool:
             self.pool = pebble.ProcessPool(
                 max_workers=workers,
                 initializer=_init_worker,
-                initargs=(cfg,),
+                initargs=(factory, cfg),
                 context=multiprocessing.get_context("spawn"),
             )
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: a private model cache, composed configs, and a tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from trgrpo.config import Config, register
+
+FAST = [
+    "model.tiny.warmstart_steps=40",
+    "model.tiny.hidden_size=64",
+    "model.tiny.heads=2",
+    "model.tiny.layers=2",
+    "model.tiny.intermediate_size=128",
+    "model.tiny.vocab_size=400",
+    "task.train_size=256",
+    "task.eval_size=8",
+    "trainer.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=16",
+    "trainer.eval_samples=2",
+    "eval.ks=[1,2]",
+    "trainer.verify_workers=0",
+    "logger.console=false",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Tiny models built by tests go to a private cache, never to ~/.cache."""
+    os.environ["TRGRPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(1)
+
+
+def make_cfg(*overrides: str) -> Config:
+    register()
+    with initialize_config_module("trgrpo.conf", version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="session")
+def tiny(_model_cache):
+    """(model, tokenizer, cfg) of the fast tiny math model."""
+    from trgrpo.models import load_policy
+
+    cfg = make_cfg(*FAST)
+    model, tokenizer = load_policy(cfg.model, cfg.task, seed=0)
+    return model, tokenizer, cfg
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,158 @@
+"""Learner: chunked log-probs equal the naive ones, micro-batching does not change the gradient, and the
+learner scores exactly what the engine sampled."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trgrpo.learner.batch import collate, make_microbatches, pack
+from trgrpo.learner.learner import Learner
+from trgrpo.learner.logprobs import response_logprobs
+from trgrpo.models import encode_prompt
+from trgrpo.records import Completion, Example, Reward, Rollout, Sampling
+from trgrpo.rollout.hf_engine import HFEngine
+
+
+def _rollouts(model, tokenizer, n_prompts=3, n=4, seed=0):
+    engine = HFEngine(model, tokenizer)
+    prompts = [
+        f"State the final answer to the following arithmetic problem: {i} + {2 * i} ="
+        for i in range(n_prompts)
+    ]
+    ids = [encode_prompt(tokenizer, p + " x" * i) for i, p in enumerate(prompts)]  # different prompt lengths
+    comps = engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=12, n=n, seed=seed))
+    ex = [Example(str(i), p, "0") for i, p in enumerate(prompts)]
+    return [Rollout(ex[k // n], tuple(ids[k // n]), c, Reward(float(k % 2))) for k, c in enumerate(comps)]
+
+
+def _naive(model, mb, temperature):
+    logits = model(
+        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+    ).logits
+    p, t = mb.prompt_width, mb.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, p - 1 : p - 1 + t].float() / temperature, -1)
+    return logp.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1) * mb.response_mask
+
+
+def test_pack_respects_budget_and_keeps_every_row():
+    lengths = [5, 30, 12, 7, 30, 2]
+    groups = pack(lengths, max_tokens=40)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 40
+
+
+def test_chunked_logprobs_match_naive_values_and_gradients(tiny):
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model)
+    rollouts = _rollouts(model, tokenizer)
+    adv = torch.zeros(len(rollouts))
+    mb = collate(rollouts, adv, list(range(len(rollouts))), tokenizer.pad_token_id)
+    chunked, entropy = response_logprobs(model, mb, temperature=0.7, chunk=5, with_entropy=True)
+    naive = _naive(model, mb, 0.7)
+    assert torch.allclose(chunked, naive, atol=1e-5)
+    assert entropy is not None and (entropy[mb.response_mask] >= 0).all()
+    weights = torch.randn_like(naive)
+    (chunked * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (naive * weights).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_learner_scores_what_the_engine_sampled(tiny):
+    model, tokenizer, _ = tiny
+    rollouts = _rollouts(model, tokenizer, seed=3)
+    mb = collate(rollouts, torch.zeros(len(rollouts)), list(range(len(rollouts))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        learner, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
+    diff = (learner - mb.sampler_logprobs).abs()[mb.response_mask]
+    assert diff.numel() > 10
+    assert diff.max() < 1e-4  # same ids, same full-vocabulary softmax: equal up to float32 numerics
+
+
+def test_left_padding_does_not_change_a_rows_logprobs(tiny):
+    model, tokenizer, _ = tiny
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=1)
+    together = collate(rollouts, torch.zeros(3), [0, 1, 2], tokenizer.pad_token_id)
+    alone = collate(rollouts, torch.zeros(3), [0], tokenizer.pad_token_id)
+    with torch.no_grad():
+        a, _ = response_logprobs(model, together, temperature=1.0, chunk=64)
+        b, _ = response_logprobs(model, alone, temperature=1.0, chunk=64)
+    t = int(alone.response_mask[0].sum())
+    assert torch.allclose(a[0, :t], b[0, :t], atol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_token_budget_microbatches_give_the_gradient_of_one_batch(tiny, agg):
+    model, tokenizer, cfg = tiny
+    model = copy.deepcopy(model)
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=4, seed=5)
+    advantages = torch.linspace(-1.5, 1.5, len(rollouts))
+    algo = copy.deepcopy(cfg.algo)
+    algo.agg, algo.kl_coef = agg, 0.0
+    learner = Learner(
+        model,
+        None,
+        trainer=cfg.trainer,
+        algo=algo,
+        temperature=1.0,
+        max_new_tokens=12,
+        pad_id=tokenizer.pad_token_id,
+    )
+
+    def grads(max_tokens):
+        mbs = make_microbatches(rollouts, advantages, max_tokens=max_tokens, pad_id=tokenizer.pad_token_id)
+        model.zero_grad()
+        metrics = learner.backward(mbs)
+        return len(mbs), [p.grad.clone() for p in model.parameters()], metrics
+
+    n_one, g_one, m_one = grads(10**6)
+    n_many, g_many, m_many = grads(80)
+    assert n_one == 1 and n_many >= 3
+    assert abs(m_one["loss/policy"] - m_many["loss/policy"]) < 1e-6
+    for a, b in zip(g_one, g_many):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in g_one)
+
+
+def test_observation_tokens_get_no_gradient(tiny):
+    """Tokens with response_mask False (tool output) contribute nothing, whatever their advantage."""
+    model, tokenizer, cfg = tiny
+    model = copy.deepcopy(model)
+    prompt = tuple(encode_prompt(tokenizer, "1 + 1 ="))
+    ids = tuple(tokenizer.encode("2 <search>x</search> obs obs <answer>2</answer>", add_special_tokens=False))
+    n = len(ids)
+    masked = Completion(ids, (0.0,) * n, tuple(i < 3 for i in range(n)), "", "stop")
+    short = Completion(ids[:3], (0.0,) * 3, (True,) * 3, "", "stop")
+    algo = copy.deepcopy(cfg.algo)
+    algo.kl_coef = 0.0
+    learner = Learner(
+        model,
+        None,
+        trainer=cfg.trainer,
+        algo=algo,
+        temperature=1.0,
+        max_new_tokens=n,
+        pad_id=tokenizer.pad_token_id,
+    )
+    ex = Example("0", "1 + 1 =", "2")
+
+    def grad_of(completion):
+        mbs = make_microbatches(
+            [Rollout(ex, prompt, completion, Reward(1.0))],
+            torch.tensor([1.0]),
+            max_tokens=10**6,
+            pad_id=tokenizer.pad_token_id,
+        )
+        model.zero_grad()
+        learner.backward(mbs)
+        return [p.grad.clone() for p in model.parameters()]
+
+    # Later tokens cannot influence earlier ones (causal), so masking them out equals truncating them.
+    for a, b in zip(grad_of(masked), grad_of(short)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

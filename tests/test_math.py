@@ -1,0 +1,136 @@
+"""math task: extraction and verification tables with adversarial outputs, data splits, and the
+verifier pool's timeout and crash handling."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import make_cfg
+from slow_task import MisbehavingTask
+
+from trgrpo.config import GeneratorConfig, MathTaskConfig, TaskConfig
+from trgrpo.records import Example
+from trgrpo.tasks import make_task
+from trgrpo.tasks.answer import last_boxed, last_tag
+from trgrpo.tasks.math_qa import gold_from
+from trgrpo.tasks.verify_pool import VerifyPool
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(make_cfg().task)
+
+
+def ex(answer: str, prompt: str = "Compute it.") -> Example:
+    return Example("t", prompt, answer)
+
+
+VERDICTS = [
+    # (gold, response, expected score)
+    ("57", "23 + 34 = 57. The answer is \\boxed{57}.", 1.0),
+    ("57", "\\boxed{56}", 0.0),
+    ("57", "", 0.0),
+    ("57", "57", 0.0),  # no \boxed{}: unparsable
+    ("57", "\\boxed{12} then \\boxed{57}", 1.0),  # the last box counts
+    ("57", "\\boxed{57} then \\boxed{12}", 0.0),
+    ("57", "\\boxed{ 57 }", 1.0),
+    ("1000", "\\boxed{1,000}", 1.0),
+    ("-4", "\\boxed{-4}", 1.0),
+    ("57", "\\boxed{57", 0.0),  # unbalanced
+    ("57", "\\boxed{" + "9" * 5000 + "}", 0.0),  # huge number
+    ("12345678901234567890", "\\boxed{12345678901234567890}", 1.0),
+    ("57", "\\boxed{５７}", 1.0),  # full-width digits are still the number 57 (int() reads them)
+    ("57", "😀 \\boxed{57} 😀", 1.0),
+    ("1/2", "\\boxed{\\frac{1}{2}}", 1.0),  # math-verify path
+    ("0.5", "\\boxed{\\frac{1}{2}}", 1.0),
+    ("\\frac{3}{4}", "\\boxed{0.75}", 1.0),
+    ("\\frac{3}{4}", "\\boxed{0.7}", 0.0),
+    ("50\\%", "\\boxed{50\\%}", 1.0),
+    ("x^2", "\\boxed{\\frac{}{}{}}", 0.0),
+]
+
+
+@pytest.mark.parametrize(("gold", "response", "expected"), VERDICTS)
+def test_verdicts(task, gold, response, expected):
+    reward = task.verify(ex(gold), response)
+    assert reward.score == expected
+    assert reward.components["correct"] == expected
+
+
+def test_answer_only_in_the_prompt_scores_zero(task):
+    example = ex("57", prompt="Example: \\boxed{57}. Now compute 23 + 34.")
+    assert task.verify(example, "I think it is 58").score == 0.0
+
+
+def test_extraction_helpers():
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b \\fbox{3}") == "3"
+    assert last_boxed("no box") is None
+    assert last_tag("<answer>a</answer> <answer> b </answer>", "answer") == "b"
+    assert last_tag("<answer>unclosed", "answer") is None
+    assert gold_from("so 3 + 4 = 7\n#### 1,007", "gsm8k") == "1007"
+    assert gold_from("thus \\boxed{\\frac{1}{2}}", "boxed") == "\\frac{1}{2}"
+
+
+def test_train_and_test_never_share_a_question(task):
+    cfg = make_cfg("task.train_size=2000").task
+    small = make_task(cfg)
+    train = {e.prompt for e in small.dataset("train", 2000, 0)}
+    test = small.dataset("test", 100, 0)
+    assert len(test) == 100 and not train & {e.prompt for e in test}
+    again = [e.prompt for e in small.dataset("test", 100, 0)]
+    assert again == [e.prompt for e in test]  # deterministic
+
+
+def test_demonstrations_score_one(task):
+    for example in task.dataset("train", 50, 3):
+        text = "".join(t for t, _ in task.demonstration(example))
+        assert task.verify(example, text).score == 1.0
+
+
+def test_unknown_generator_names_the_field():
+    from trgrpo.config import ConfigError
+
+    cfg = MathTaskConfig(generators=[GeneratorConfig(name="no_such_generator")])
+    with pytest.raises(ConfigError, match=r"task.generators\[0\]"):
+        make_task(cfg).dataset("train", 4, 0)
+
+
+def test_real_data_from_a_local_file(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text('{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n' * 3)
+    cfg = MathTaskConfig(dataset=str(path), answer_format="gsm8k", train_split="train", test_split="train")
+    data = make_task(cfg).dataset("train", 2, 0)
+    assert len(data) == 2 and data[0].answer == "4"
+    assert make_task(cfg).verify(data[0], "\\boxed{4}").score == 1.0
+
+
+def test_pool_times_out_crashes_and_survives_a_dead_worker():
+    pool = VerifyPool(TaskConfig(name="misbehaving"), workers=2, timeout=2.0, factory=MisbehavingTask)
+    try:
+        examples = [ex("ok")] * 5
+        started = time.perf_counter()
+        rewards = pool.score(examples, ["ok", "sleep", "crash", "die", "nope"])
+        elapsed = time.perf_counter() - started
+        assert [r.score for r in rewards] == [1.0, 0.0, 0.0, 0.0, 0.0]
+        assert [r.unscorable for r in rewards] == [False, True, True, True, False]
+        assert elapsed < 2.0 + 8.0  # the hung sample is cut at its timeout (plus worker start-up)
+        again = pool.score([ex("ok")] * 3, ["ok", "ok", "x"])  # the pool still works afterwards
+        assert [r.score for r in again] == [1.0, 1.0, 0.0]
+    finally:
+        pool.close()
+
+
+def test_pathological_latex_is_cut_at_the_timeout():
+    """A nested expression that math-verify takes long on: the pool returns within timeout + margin."""
+    cfg = make_cfg().task
+    pool = VerifyPool(cfg, workers=1, timeout=1.0)
+    try:
+        pool.score([ex("1")], ["\\boxed{1}"])  # warm the worker (imports)
+        bomb = "\\boxed{10^{10^{10}}}"  # math-verify spends its own 5 s timeout on this
+        started = time.perf_counter()
+        rewards = pool.score([ex("\\frac{1}{2}")], [bomb])
+        assert time.perf_counter() - started < 1.0 + 3.0
+        assert rewards[0].score == 0.0 and rewards[0].unscorable
+    finally:
+        pool.close()
