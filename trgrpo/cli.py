@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from trgrpo.config import Config, ConfigError, register
+from trgrpo.config import Config, ConfigError, register, resolve
 
 COMMANDS = ("train", "eval", "plan", "show", "report", "build-tiny")
 USAGE = f"usage: trgrpo {{{'|'.join(COMMANDS)}}} [key=value ...] (Hydra overrides; -m for multirun)"
@@ -25,7 +25,7 @@ USAGE = f"usage: trgrpo {{{'|'.join(COMMANDS)}}} [key=value ...] (Hydra override
 def to_config(cfg: DictConfig) -> Config:
     """The one conversion from Hydra's DictConfig to typed dataclasses (a missing value is a ConfigError)."""
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        return resolve(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", None) or "a config value"
         raise ConfigError(

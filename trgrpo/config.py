@@ -26,6 +26,7 @@ class TaskConfig:
     reward: str = "binary"  # binary | a task-specific shaping (logic: logic_rl)
     format_reward: float = 0.0  # bonus for a well-formed answer, logged as reward/format (0 = off)
     overlong_penalty: float = 0.0  # subtracted when a response hits the token cap unfinished (0 = off)
+    max_new_tokens: int = 32  # the task's response cap (per turn for tools) when rollout.max_new_tokens=0
 
 
 @dataclass
@@ -143,7 +144,7 @@ class ModelConfig:
 class RolloutConfig:
     engine: str = "hf"  # hf | vllm
     group_size: int = 8  # G samples per prompt
-    max_new_tokens: int = 32  # per response (per turn for tool use)
+    max_new_tokens: int = 0  # per response (per turn for tool use); 0 = the task's task.max_new_tokens
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 0  # hf: prompts per generate call (0 = all at once)
@@ -423,6 +424,13 @@ def problems(cfg: Config) -> list[str]:
         ]
     out += [message for ok, message in checks if not ok]
     return out
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the fields whose default depends on another group (in place; idempotent)."""
+    if cfg.rollout.max_new_tokens == 0:
+        cfg.rollout.max_new_tokens = cfg.task.max_new_tokens
+    return cfg
 
 
 def validate(cfg: Config) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from trgrpo.config import Config, ConfigError, TaskConfig
+from trgrpo.config import Config, ConfigError, TaskConfig, resolve
 from trgrpo.records import Example, Rollout, Sampling
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.stats import summarize
@@ -109,7 +109,7 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
 
-    e = cfg.eval
+    e = resolve(cfg).eval
     if any(k > e.n for k in e.ks):
         raise ConfigError(f"eval.ks={e.ks} must all be ≤ eval.n={e.n}")
     model_cfg = cfg.model

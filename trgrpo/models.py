@@ -44,7 +44,7 @@ def cache_root() -> Path:
 
 
 def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
-    ignored = ("train_size", "eval_size", "reward", "format_reward", "overlong_penalty")
+    ignored = ("train_size", "eval_size", "reward", "format_reward", "overlong_penalty", "max_new_tokens")
     data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ignored}
     blob = json.dumps([TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed], sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

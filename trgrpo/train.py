@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
-from trgrpo.config import Config, validate
+from trgrpo.config import Config, resolve, validate
 from trgrpo.evaluate import evaluate_examples
 from trgrpo.learner.learner import Learner, NonFiniteStep
 from trgrpo.metrics import MetricsLogger, write_status
@@ -162,7 +162,7 @@ def evaluate_now(ctx, eval_data, cfg: Config) -> dict[str, float]:
 
 def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Train; returns the last step's metrics (with the final evaluation)."""
-    validate(cfg)
+    validate(resolve(cfg))
     t = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     if t.threads > 0:

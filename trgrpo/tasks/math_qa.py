@@ -129,13 +129,14 @@ class MathTask:
     def verify(self, example: Example, response: str) -> Reward:
         predicted = last_boxed(response)
         if predicted is None:
-            return Reward(0.0, {"correct": 0.0, "boxed": 0.0})
+            return Reward(0.0, {"correct": 0.0, "format": 0.0})
         gold_int, pred_int = _as_int(example.answer), _as_int(predicted)
         if gold_int is not None and pred_int is not None:
             correct = gold_int == pred_int
         else:
             correct = _math_verify(example.answer, predicted)
-        return Reward(float(correct), {"correct": float(correct), "boxed": 1.0})
+        # `format` logs whether the answer is parsable; task.format_reward turns it into shaping (0 = off).
+        return Reward(float(correct) + self.cfg.format_reward, {"correct": float(correct), "format": 1.0})
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
         expression = example.meta.get("expression")
