@@ -107,3 +107,64 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     cfg = make_cfg(*FAST, "model.path=/nonexistent/model-dir")
     with pytest.raises(ConfigError, match=r"model\.path"):
         load_policy(cfg.model, cfg.task)
+
+
+@pytest.mark.parametrize("task", ["logic", "tool_qa"])
+def test_other_tasks_train_end_to_end(task, tmp_path):
+    """logic (single turn) and tool_qa (multi-turn through the agent loop) through the whole loop."""
+    cfg = make_cfg(*FAST, f"task={task}", "trainer.steps=1", "trainer.lr=1e-3", "rollout.max_new_tokens=24")
+    run(cfg, tmp_path)
+    rows = _read(tmp_path / "metrics.jsonl")
+    assert rows[0]["step"] == 1 and math.isfinite(rows[0]["loss/policy"])
+    assert any(k.startswith(f"eval/{task}/") for k in rows[-1])
+    if task == "tool_qa":
+        assert "rollout/searches" in rows[0] and "rollout/turns" in rows[0]
+
+
+def test_ppo_epochs_and_minibatches_recompute_old_logprobs(tmp_path):
+    cfg = make_cfg(
+        *FAST, "trainer.steps=1", "trainer.ppo_epochs=2", "trainer.minibatches=2", "trainer.lr=1e-3"
+    )
+    run(cfg, tmp_path)
+    row = _read(tmp_path / "metrics.jsonl")[0]
+    # Later optimizer steps of the same batch see a moved policy: the ratio leaves 1.
+    assert row["train/approx_kl_old"] > 0.0
+    assert math.isfinite(row["train/grad_norm"])
+
+
+def test_literal_tau_gives_constant_weights_and_a_warning(tmp_path, caplog):
+    cfg = make_cfg(*FAST, "algo=tr_grpo", "algo.weights.tau=9", "trainer.steps=1")
+    with caplog.at_level("WARNING", logger="trgrpo"):
+        run(cfg, tmp_path)
+    row = _read(tmp_path / "metrics.jsonl")[0]
+    assert row["weights/constant"] == 1.0 and row["weights/mean"] == 1.0
+    assert "token weights are constant" in caplog.text
+
+
+def test_multirun_sweeps_algos_and_seeds(tmp_path):
+    """`trgrpo train -m algo=grpo,tr_grpo seed=0,1` runs four jobs, each with its own run directory."""
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable,
+        "-m",
+        "trgrpo",
+        "train",
+        "-m",
+        "algo=grpo,tr_grpo",
+        "seed=0,1",
+        "trainer.steps=1",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/run.json"))
+    assert len(runs) == 4
+    names = {
+        (json.loads((r / "run.json").read_text())["algo"], json.loads((r / "run.json").read_text())["seed"])
+        for r in runs
+    }
+    assert names == {("grpo", 0), ("grpo", 1), ("tr_grpo", 0), ("tr_grpo", 1)}

@@ -262,7 +262,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
             advantages = group_advantages(rewards.view(-1, g), std_normalize=cfg.algo.std_normalize).view(-1)
             metrics = rollout_metrics(rollouts, rewards, g)
-            metrics.update(learner.step(rollouts, advantages))
+            metrics.update(learner.step(rollouts, advantages, group_size=g))
             t2 = time.perf_counter()
             engine.load_weights(policy.named_parameters())
             t3 = time.perf_counter()

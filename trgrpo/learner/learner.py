@@ -72,13 +72,19 @@ class Learner:
             for mb in mbs
         ]
 
-    def step(self, rollouts: Sequence[Rollout], advantages: Tensor) -> dict[str, float]:
-        """One batch: ppo_epochs × minibatches optimizer steps. Returns the step's metrics."""
+    def step(self, rollouts: Sequence[Rollout], advantages: Tensor, group_size: int = 1) -> dict[str, float]:
+        """One batch: ppo_epochs × minibatches optimizer steps. Returns the step's metrics.
+
+        Minibatches hold whole groups (rows are group-major); with fewer groups than minibatches (e.g.
+        after dynamic sampling) there are as many minibatches as groups.
+        """
         t = self.trainer
-        groups_per_mb = len(rollouts) // t.minibatches
+        groups = len(rollouts) // group_size
+        count = max(1, min(t.minibatches, groups))
+        bounds = [group_size * (k * groups // count) for k in range(count)] + [len(rollouts)]
         minibatches = []
-        for k in range(t.minibatches):
-            rows = list(range(k * groups_per_mb, (k + 1) * groups_per_mb))
+        for k in range(count):
+            rows = list(range(bounds[k], bounds[k + 1]))
             chosen = [rollouts[i] for i in rows]
             mbs = [
                 to_device(mb, self.device)
