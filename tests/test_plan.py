@@ -50,7 +50,7 @@ def test_default_plan_arithmetic_and_names():
     assert row(lines, "group size G") == "8"
     assert row(lines, "rollouts per step N·G") == "128"
     assert row(lines, "optimizer steps per step").startswith("1 ")
-    assert row(lines, "optimizer steps in total").startswith("300 ")
+    assert row(lines, "optimizer steps in total").startswith("200 ")
     assert row(lines, "worst-case tokens per rollout") == "prompt + rollout.max_new_tokens = prompt + 32"
     # 8192 // (64 + 32) = 85 rows per micro-batch → ceil(128 / 85) = 2 micro-batches
     assert row(lines, "micro-batches (prompt ≤ 64)").startswith("2 per minibatch")
