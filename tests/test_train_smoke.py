@@ -168,3 +168,13 @@ def test_multirun_sweeps_algos_and_seeds(tmp_path):
         for r in runs
     }
     assert names == {("grpo", 0), ("grpo", 1), ("tr_grpo", 0), ("tr_grpo", 1)}
+
+
+def test_wandb_offline_mirrors_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_cfg(*FAST, "logger=wandb", "trainer.steps=1")
+    run(cfg, tmp_path)
+    offline = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline, "wandb wrote no offline run"
+    assert list(offline[0].glob("*.wandb")), "the offline run holds no data file"
+    assert (tmp_path / "metrics.jsonl").exists()  # JSONL is always written

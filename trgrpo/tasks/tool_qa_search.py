@@ -36,8 +36,11 @@ class Bm25Index:
         self._retriever = None
 
     def _build(self):
+        import logging
+
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
         corpus = [f"{title}\n{text}" for title, text in self.documents]
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
