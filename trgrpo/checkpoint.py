@@ -4,25 +4,68 @@ A checkpoint is written to a temporary folder beside its final place and renamed
 crash mid-write leaves at most a `.tmp-*` folder that is never picked up; the previous checkpoint
 stays intact until the new one is complete. `checkpoints/step_N/` holds the model and tokenizer
 (loadable by `transformers` and `trgrpo eval`) and `trainer_state.pt`: optimizer, scheduler, step,
-python/numpy/torch RNG states, the prompt sampler's position and learner counters.
+python/numpy/torch RNG states, the prompt sampler's position, learner counters and the resolved config.
+
+Resuming (`trainer.resume`) restores all of it, so the steps after the resume point compute what an
+uninterrupted run computes; a config that would change that math is refused (`check_config`).
+`InterruptGuard` makes Ctrl-C wait while a step is being applied, so what an interrupted run saves is
+always the state after a whole step. What this module does not do: decide when to save (the loop does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trgrpo.config import ConfigError
+
 log = logging.getLogger("trgrpo")
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = (".tmp-step_", ".old-step_")  # prefixes of folders a killed save can leave behind
+
+# Config keys (dotted, or a prefix of them) whose change alters what a resumed run computes...
+MATH_KEYS = (
+    "seed",
+    "algo",
+    "rollout",
+    "task",
+    "model",
+    "trainer.lr",
+    "trainer.prompts_per_step",
+    "trainer.ppo_epochs",
+    "trainer.minibatches",
+    "trainer.max_grad_norm",
+    "trainer.warmup_steps",
+    "trainer.weight_decay",
+)
+# ...except these, which change how the work is done (or what is evaluated), not the training math.
+FREE_KEYS = (
+    "rollout.engine",
+    "rollout.batch_size",
+    "rollout.gpu_memory_utilization",
+    "rollout.tensor_parallel_size",
+    "rollout.sleep",
+    "task.eval_size",
+    "model.max_context",
+    "model.trust_remote_code",
+)
+
+
+class CheckpointError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoints are intact."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,20 +86,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(
     directory: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], keep_last: int = 0
 ) -> Path:
-    """Write checkpoints/step_<step> atomically; keep the newest `keep_last` (0 = all)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step_<step> atomically; keep the newest `keep_last` (0 = all).
+
+    `trainer_state` may carry its own "rng" (the state to resume with); otherwise the current one is
+    saved. Any failure removes the partial folder and raises CheckpointError.
+    """
     target = directory / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
+    tmp = None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "rng": rng_state(), **trainer_state}, tmp / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # set aside, not deleted, until the new one is in place
+            target.rename(tmp.with_name(f".old-step_{step}-{tmp.name.rsplit('-', 1)[-1]}"))
         tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):  # disk full, permissions; torch reports a full disk as RuntimeError
+            raise CheckpointError(f"writing checkpoint {target} failed: {err}") from err
         raise
+    for leftover in directory.iterdir():  # a killed save's temporary folder, a replaced checkpoint
+        if leftover.name.startswith(_LEFTOVER):
+            shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -71,9 +125,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
+def wants_resume(spec: str | None) -> bool:
+    return spec not in (None, "", "none", "false")
+
+
 def find_resume(spec: str | None, run_dir: Path) -> Path | None:
     """`auto`: the newest checkpoint in run_dir (None if there is none); a path: that checkpoint."""
-    if spec in (None, "", "none", "false"):
+    if not wants_resume(spec):
         return None
     if spec == "auto":
         found = list_checkpoints(run_dir / "checkpoints")
@@ -84,11 +142,13 @@ def find_resume(spec: str | None, run_dir: Path) -> Path | None:
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
     if found:
         return found[-1]
-    from trgrpo.config import ConfigError
-
     raise ConfigError(
         f"trainer.resume={spec!r}: no checkpoint there (expected a step_N folder or a run folder)"
     )
+
+
+def is_saved(directory: Path, step: int) -> bool:
+    return (directory / f"step_{step}" / STATE_FILE).exists()
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -111,3 +171,151 @@ def load_model_weights(model, path: Path) -> None:
         )
     if tied:
         model.tie_weights()
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def trainer_state(learner, sampler, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything but the weights and RNG that the next step depends on, plus the config (for checks)."""
+    return {
+        "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict(),
+        "sampler": sampler.state(),
+        "skipped_steps": learner.skipped_steps,
+        "bad_steps": learner.bad_steps,
+        "config": dict(config),
+    }
+
+
+def resume_state(
+    spec: str | None, run_dir: Path, config: Mapping[str, Any], *, force: bool
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """(checkpoint folder, its loaded state) to resume from, checked against `config`; (None, None)
+    for a fresh start."""
+    path = find_resume(spec, run_dir)
+    if path is None:
+        return None, None
+    state = load_state(path)
+    check_config(path, state, config, force=force)
+    return path, state
+
+
+def restore(path: Path, state: dict[str, Any], *, model, learner, sampler) -> int:
+    """Put a loaded checkpoint back into the model, learner, sampler and RNGs; returns its step."""
+    load_model_weights(model, path)
+    learner.optimizer.load_state_dict(state["optimizer"])
+    learner.scheduler.load_state_dict(state["scheduler"])
+    learner.skipped_steps = state.get("skipped_steps", 0)
+    learner.bad_steps = state.get("bad_steps", 0)
+    _config_hyperparameters(learner)
+    sampler.load(state["sampler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _config_hyperparameters(learner) -> None:
+    """The config's lr, warm-up and weight decay over the loaded ones (they differ only when forced):
+    the same products the scheduler computes, so an unchanged config gives the same floats."""
+    t, scheduler = learner.trainer, learner.scheduler
+    scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(learner.optimizer.param_groups, lrs):
+        group.update(initial_lr=t.lr, lr=lr, weight_decay=t.weight_decay)
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved, current)} for the keys that differ and change the training math."""
+    a, b = _flatten(saved), _flatten(current)
+    absent = "<absent>"
+    return {
+        key: (a.get(key, absent), b.get(key, absent))
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, absent) != b.get(key, absent) and _under(key, MATH_KEYS) and not _under(key, FREE_KEYS)
+    }
+
+
+def check_config(path: Path, state: Mapping[str, Any], config: Mapping[str, Any], *, force: bool) -> None:
+    """Refuse to resume with a config that changes the math (unless forced) or ends before the checkpoint.
+
+    `trainer.steps` may grow: continuing a run for longer is what resuming is for.
+    """
+    steps = config["trainer"]["steps"]
+    if steps < state["step"]:
+        raise ConfigError(
+            f"trainer.steps={steps} is below the step of the checkpoint to resume ({path}: step "
+            f"{state['step']}); raise trainer.steps or resume from an earlier checkpoint"
+        )
+    if "config" not in state:
+        log.warning("checkpoint %s has no saved config: resuming without checking it", path)
+        return
+    changed = config_changes(state["config"], config)
+    if not changed:
+        return
+    listed = "; ".join(f"{key}: {old!r} → {new!r}" for key, (old, new) in changed.items())
+    if not force:
+        raise ConfigError(
+            f"trainer.resume: the config differs from the checkpoint's ({path}) in keys that change "
+            f"training: {listed}. Restore them, or set trainer.resume_force=true to resume anyway"
+        )
+    log.warning("resuming with a config that differs from the checkpoint's (forced): %s", listed)
+
+
+# --------------------------------------------------------------------------------------- interrupts
+
+
+class InterruptGuard:
+    """Ctrl-C (SIGINT) outside `hold()` raises KeyboardInterrupt at once; inside, it is held until the
+    block ends, so an optimizer step is never left half applied. A second Ctrl-C inside raises at once
+    and sets `torn` (the state is then mid-update and must not be saved). Installed only in the main
+    thread and only over Python's default handler (an ignored SIGINT stays ignored)."""
+
+    def __init__(self) -> None:
+        self.holding = self.pending = self.torn = False
+        self.previous: Any = None
+
+    def __enter__(self) -> InterruptGuard:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.holding and not self.pending:
+            self.pending = True
+            log.warning(
+                "Ctrl-C: stopping after this step (press again to stop at once, without a checkpoint)"
+            )
+            return
+        self.torn = self.holding
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt

@@ -3,7 +3,8 @@
 Each subcommand except `report` is a Hydra app over `trgrpo/conf/`, so every one takes the same
 overrides (`task=logic algo=grpo trainer.steps=50`, `-m` for multirun). The composed DictConfig is
 converted to the typed `Config` here and nothing below this module sees OmegaConf. User errors
-(`ConfigError`) print one message and exit 2, without a traceback.
+(`ConfigError`) print one message and exit 2, a diverged run (`NonFiniteStep`) exits 1 and Ctrl-C
+exits 130, all without a traceback.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Calla
             _log_to_files(err)
             print(f"trgrpo {name}: error: {err}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"trgrpo {name}: interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return app
 
@@ -61,9 +65,16 @@ def _train(cfg: Config, raw: DictConfig) -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from trgrpo.learner.learner import NonFiniteStep
     from trgrpo.train import run
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except NonFiniteStep as err:  # training diverged: a result to report, not a bug to trace
+        _log_to_files(err)
+        print(f"trgrpo train: error: {err} (run: {run_dir})", file=sys.stderr)
+        sys.exit(1)
 
 
 def _eval(cfg: Config, raw: DictConfig) -> None:

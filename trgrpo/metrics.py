@@ -134,10 +134,39 @@ class MetricsLogger:
 
 
 def write_status(run_dir: Path, **fields: Any) -> None:
-    """run.json: status (running | finished | failed), names, seed, git SHA, steps. Merged, atomic."""
+    """run.json: status (running | finished | failed | interrupted), names, seed, git SHA, steps, notes.
+    Merged into what is there (a field given as None is removed), written atomically."""
     path = run_dir / "run.json"
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    current = {k: v for k, v in current.items() if v is not None}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(current, indent=2))
     tmp.replace(path)
+
+
+def truncate_logs(run_dir: Path, step: int) -> None:
+    """Drop the metrics.jsonl and samples.jsonl rows of steps after `step`, and any torn line.
+
+    A resumed run re-does the steps after its checkpoint; without this they would be logged twice (and
+    a run killed mid-write leaves a partial last line). Each file is rewritten atomically.
+    """
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            log.info("%s: dropped %d rows after step %d (re-done on resume) or torn", name, dropped, step)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)

@@ -25,7 +25,7 @@ from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
 from trgrpo.config import Config, resolve, validate
 from trgrpo.evaluate import evaluate_examples
 from trgrpo.learner.learner import Learner, NonFiniteStep
-from trgrpo.metrics import MetricsLogger, write_status
+from trgrpo.metrics import MetricsLogger, truncate_logs, write_status
 from trgrpo.models import context_limit, load_policy
 from trgrpo.records import Rollout, Sampling
 from trgrpo.rollout import make_engine
@@ -92,6 +92,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (HF's own switch; training mode only)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def rollout_metrics(rollouts: list[Rollout], rewards: torch.Tensor, group_size: int) -> dict[str, float]:
     lengths = torch.tensor([float(sum(r.completion.response_mask)) for r in rollouts])
     out = {
@@ -109,7 +118,7 @@ def rollout_metrics(rollouts: list[Rollout], rewards: torch.Tensor, group_size: 
     return out
 
 
-def sample_groups(ctx, sampler: PromptSampler, train_data, cfg: Config, step: int):
+def sample_groups(ctx, sampler: PromptSampler, cfg: Config, step: int):
     """N groups of G rollouts. With dynamic sampling (DAPO), equal-reward groups are dropped and more
     prompts are drawn, for at most `dynamic_sampling_max_rounds` extra rounds."""
     n, g = cfg.trainer.prompts_per_step, cfg.rollout.group_size
@@ -117,7 +126,7 @@ def sample_groups(ctx, sampler: PromptSampler, train_data, cfg: Config, step: in
     drawn = 0
     rounds = 1 + (cfg.algo.dynamic_sampling_max_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
-        examples = [train_data[i] for i in sampler.next(n)]
+        examples = [ctx["train_data"][i] for i in sampler.next(n)]
         sampling = dataclasses.replace(ctx["sampling"], seed=cfg.seed * 1_000_003 + step * 131 + r)
         fresh = sample_and_score(
             ctx["engine"],
@@ -141,13 +150,13 @@ def sample_groups(ctx, sampler: PromptSampler, train_data, cfg: Config, step: in
     return (kept[: n * g] or fresh), drawn
 
 
-def evaluate_now(ctx, eval_data, cfg: Config) -> dict[str, float]:
+def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
     result = evaluate_examples(
         ctx["engine"],
         ctx["task"],
         ctx["pool"],
         ctx["tokenizer"],
-        eval_data,
+        ctx["eval_data"],
         cfg.task,
         n=cfg.trainer.eval_samples,
         ks=[k for k in cfg.eval.ks if k <= cfg.trainer.eval_samples] or [1],
@@ -160,32 +169,14 @@ def evaluate_now(ctx, eval_data, cfg: Config) -> dict[str, float]:
     return {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
 
 
-def run(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Train; returns the last step's metrics (with the final evaluation)."""
-    validate(resolve(cfg))
+def build(cfg: Config, device: torch.device) -> tuple[Learner, PromptSampler, dict]:
+    """The pieces the loop wires: the learner (which owns the policy), the prompt sampler, and `ctx`
+    (engine, task, tokenizer, verifier pool, data, sampling settings)."""
     t = cfg.trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(t.device)
-    hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if not hydra_cfg.exists():  # called without Hydra (tests, scripts): save the config ourselves
-        hydra_cfg.parent.mkdir(parents=True, exist_ok=True)
-        hydra_cfg.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    write_status(
-        run_dir,
-        status="running",
-        task=cfg.task.name,
-        algo=cfg.algo.name,
-        seed=cfg.seed,
-        git_sha=git_sha(),
-        steps=t.steps,
-        last_step=0,
-    )
-
     task = make_task(cfg.task)
     policy, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed, device=str(device))
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed)
     train_data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
@@ -210,33 +201,65 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, n=r.group_size
         ),
         "pool": VerifyPool(cfg.task, workers=t.verify_workers, timeout=t.verify_timeout, task=task),
+        "train_data": train_data,
+        "eval_data": eval_data,
     }
-    start = 0
-    resume_from = checkpoint.find_resume(t.resume, run_dir)
-    if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        checkpoint.load_model_weights(policy, resume_from)
-        learner.optimizer.load_state_dict(state["optimizer"])
-        learner.scheduler.load_state_dict(state["scheduler"])
-        learner.skipped_steps = state.get("skipped_steps", 0)
-        sampler.load(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
-        engine.load_weights(policy.named_parameters())
-        start = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start)
-    logger = MetricsLogger(
-        run_dir, cfg.logger, config=dataclasses.asdict(cfg), total_steps=t.steps, start_step=start
+    return learner, sampler, ctx
+
+
+def run(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Train; returns the last step's metrics (with the final evaluation)."""
+    validate(resolve(cfg))
+    t = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir.resolve())
+    config = dataclasses.asdict(cfg)
+    resume_from, state = checkpoint.resume_state(t.resume, run_dir, config, force=t.resume_force)
+    start = state["step"] if state is not None else 0
+    if checkpoint.wants_resume(t.resume):
+        truncate_logs(run_dir, start)  # the steps after the checkpoint are done again
+    if state is not None and start == t.steps:
+        log.info("%s is at trainer.steps=%d: nothing left to train", resume_from, t.steps)
+        write_status(run_dir, status="finished", last_step=start)
+        return {}
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(t.device)
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if not hydra_cfg.exists():  # called without Hydra (tests, scripts): save the config ourselves
+        hydra_cfg.parent.mkdir(parents=True, exist_ok=True)
+        hydra_cfg.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_status(
+        run_dir,
+        status="running",
+        task=cfg.task.name,
+        algo=cfg.algo.name,
+        seed=cfg.seed,
+        git_sha=git_sha(),
+        steps=t.steps,
+        last_step=start,
+        resumed_from=None if resume_from is None else str(resume_from),
+        error=None,
+        checkpoint_error=None,
     )
+
+    learner, sampler, ctx = build(cfg, device)
+    policy, tokenizer, engine, r = learner.model, ctx["tokenizer"], ctx["engine"], cfg.rollout
+    if state is not None:
+        checkpoint.restore(resume_from, state, model=policy, learner=learner, sampler=sampler)
+        engine.load_weights(policy.named_parameters())
+        log.info("resumed from %s at step %d", resume_from, start)
+        del state  # the optimizer's copy
+    logger = MetricsLogger(run_dir, cfg.logger, config=config, total_steps=t.steps, start_step=start)
     if cfg.algo.weights.shape != "none":
         log.info("token weights: %s, placement %s", cfg.algo.weights.shape, cfg.algo.weights.placement)
 
-    def save(step: int) -> None:
-        trainer_state = {
-            "optimizer": learner.optimizer.state_dict(),
-            "scheduler": learner.scheduler.state_dict(),
-            "sampler": sampler.state(),
-            "skipped_steps": learner.skipped_steps,
-        }
+    def save(step: int, rng: dict | None = None) -> None:
+        """A failed write (disk full, permissions) is reported and training goes on."""
+        trainer_state = checkpoint.trainer_state(learner, sampler, config)
+        if rng is not None:
+            trainer_state["rng"] = rng
         try:
             checkpoint.save(
                 run_dir / "checkpoints",
@@ -246,61 +269,72 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                 trainer_state=trainer_state,
                 keep_last=t.keep_last,
             )
-        except OSError as err:
-            logger.warn_once(
-                f"save{step}", f"checkpoint at step {step} failed ({err}); the previous one is intact"
-            )
+        except checkpoint.CheckpointError as err:
+            log.warning("%s; the previous checkpoints are intact, training goes on", err)
+            write_status(run_dir, checkpoint_error=f"step {step}: {err}")
 
+    guard = checkpoint.InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
     metrics: dict[str, float] = {}
     completed = start  # the last step whose update, metrics and status are all written
+    rollback = None  # sampler and RNG state before this step's sampling, while sampling runs
     try:
-        for step in range(start + 1, t.steps + 1):
-            t0 = time.perf_counter()
-            rollouts, drawn = sample_groups(ctx, sampler, train_data, cfg, step)
-            t1 = time.perf_counter()
-            g = r.group_size
-            rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
-            advantages = group_advantages(rewards.view(-1, g), std_normalize=cfg.algo.std_normalize).view(-1)
-            metrics = rollout_metrics(rollouts, rewards, g)
-            metrics.update(learner.step(rollouts, advantages, group_size=g))
-            t2 = time.perf_counter()
-            engine.load_weights(policy.named_parameters())
-            t3 = time.perf_counter()
-            if metrics.get("weights/constant") == 1.0 and cfg.algo.weights.shape != "none":
-                logger.warn_once(
-                    "constant",
-                    "token weights are constant over a batch: this configuration is GRPO "
-                    "with a scale (check algo.weights.tau; see README, 'TR-GRPO weight')",
-                )
-            tokens = sum(len(ro.completion.token_ids) for ro in rollouts)
-            metrics.update(
-                {
-                    "time/generate": t1 - t0,
-                    "time/update": t2 - t1,
-                    "time/sync": t3 - t2,
-                    "rollout/drawn": float(drawn),
-                }
-            )
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                te = time.perf_counter()
-                metrics.update(evaluate_now(ctx, eval_data, cfg))
-                metrics["time/eval"] = time.perf_counter() - te
-            metrics["time/step"] = time.perf_counter() - t0
-            metrics["perf/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
-            logger.log(step, metrics)
-            logger.samples(step, [_sample_row(ro) for ro in rollouts[: t.samples_per_step]])
-            write_status(run_dir, last_step=step)
-            completed = step
-            if t.save_every and step % t.save_every == 0 and step != t.steps:
-                save(step)
-        metrics.update(evaluate_now(ctx, eval_data, cfg))
-        logger.log(t.steps, {k: v for k, v in metrics.items() if k.startswith("eval/")})
-        save(t.steps)
-        _write_eval(run_dir, cfg, t.steps, metrics)
+        with guard:
+            for step in range(start + 1, t.steps + 1):
+                rollback = (sampler.state(), checkpoint.rng_state())
+                t0 = time.perf_counter()
+                rollouts, drawn = sample_groups(ctx, sampler, cfg, step)
+                t1 = time.perf_counter()
+                with guard.hold():
+                    g = r.group_size
+                    rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
+                    advantages = group_advantages(
+                        rewards.view(-1, g), std_normalize=cfg.algo.std_normalize
+                    ).view(-1)
+                    metrics = rollout_metrics(rollouts, rewards, g)
+                    metrics.update(learner.step(rollouts, advantages, group_size=g))
+                    t2 = time.perf_counter()
+                    engine.load_weights(policy.named_parameters())
+                    t3 = time.perf_counter()
+                    if metrics.get("weights/constant") == 1.0 and cfg.algo.weights.shape != "none":
+                        logger.warn_once(
+                            "constant",
+                            "token weights are constant over a batch: this configuration is GRPO "
+                            "with a scale (check algo.weights.tau; see README, 'TR-GRPO weight')",
+                        )
+                    tokens = sum(len(ro.completion.token_ids) for ro in rollouts)
+                    metrics.update(
+                        {
+                            "time/generate": t1 - t0,
+                            "time/update": t2 - t1,
+                            "time/sync": t3 - t2,
+                            "rollout/drawn": float(drawn),
+                        }
+                    )
+                    last = step == t.steps
+                    if last or (t.eval_every and step % t.eval_every == 0):
+                        te = time.perf_counter()
+                        metrics.update(evaluate_now(ctx, cfg))
+                        metrics["time/eval"] = time.perf_counter() - te
+                    metrics["time/step"] = time.perf_counter() - t0
+                    metrics["perf/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
+                    logger.log(step, metrics)
+                    logger.samples(step, [_sample_row(ro) for ro in rollouts[: t.samples_per_step]])
+                    if last:
+                        _write_eval(run_dir, cfg, step, metrics)
+                    write_status(run_dir, last_step=step)
+                    completed, rollback = step, None
+                    if last or (t.save_every and step % t.save_every == 0):
+                        save(step)
         write_status(run_dir, status="finished", last_step=t.steps)
     except KeyboardInterrupt:
-        save(completed)
+        if guard.torn:
+            log.warning("stopped inside step %d's update: no checkpoint written for it", completed + 1)
+        elif completed > start and not checkpoint.is_saved(run_dir / "checkpoints", completed):
+            if rollback is not None:  # stopped while sampling: back to the state after `completed`
+                sampler.load(rollback[0])
+            save(completed, rng=None if rollback is None else rollback[1])
         write_status(run_dir, status="interrupted", last_step=completed)
+        log.warning("interrupted after step %d; continue with trainer.resume=auto in %s", completed, run_dir)
         raise
     except NonFiniteStep as err:
         write_status(run_dir, status="failed", error=str(err))

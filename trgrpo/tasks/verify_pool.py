@@ -10,6 +10,7 @@ tests and debugging use.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -23,6 +24,9 @@ _worker_task: Task | None = None
 
 def _init_worker(factory: Callable[[TaskConfig], Task], cfg: TaskConfig) -> None:
     global _worker_task
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when to stop (and
+    # stops the pool); a worker killed by it would score a sample of the step being finished as 0.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_task = factory(cfg)
 
 
