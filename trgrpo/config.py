@@ -109,6 +109,8 @@ class AlgoConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     dynamic_sampling: bool = False  # DAPO: drop equal-reward groups and sample more prompts
     dynamic_sampling_max_rounds: int = 4  # extra generation rounds at most, per step
+    tis: str = "none"  # truncated importance sampling vs the sampler's log-probs: none | token | sequence
+    tis_cap: float = 2.0  # C in min(π_old / π_sampler, C)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -168,11 +170,14 @@ class TrainerConfig:
     minibatches: int = 1  # optimizer steps per batch and epoch
     max_tokens_per_microbatch: int = 8192  # padded prompt+response tokens per forward/backward
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no [B, T, V] float32 tensor)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the learner's forward/backward; fp32 master weights)
+    gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     eval_every: int = 0  # steps between evaluations on the held-out set (0 = only at the end)
     eval_samples: int = 4  # samples per eval prompt (pass@k uses them), besides one greedy
     save_every: int = 0  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # checkpoints kept
     resume: str | None = None  # auto (newest valid checkpoint in the run dir) | a checkpoint path
+    resume_force: bool = False  # resume even when the config changes the math vs the checkpoint's
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     device: str = "auto"  # auto | cpu | cuda
     samples_per_step: int = 4  # rows written to samples.jsonl each step
@@ -234,6 +239,7 @@ WEIGHT_SHAPES = ("none", "sigmoid", "linear", "reverse")
 PLACEMENTS = ("loss", "ratio")
 ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _one_of(value: object, valid: tuple, key: str) -> list[str]:
@@ -267,8 +273,10 @@ def problems(cfg: Config) -> list[str]:
     out += _one_of(a.kl_estimator, KL_ESTIMATORS, "algo.kl_estimator")
     out += _one_of(w.shape, WEIGHT_SHAPES, "algo.weights.shape")
     out += _one_of(w.placement, PLACEMENTS, "algo.weights.placement")
+    out += _one_of(a.tis, ("none", "token", "sequence"), "algo.tis")
     out += _one_of(r.engine, ENGINES, "rollout.engine")
     out += _one_of(m.dtype, DTYPES, "model.dtype")
+    out += _one_of(t.precision, PRECISIONS, "trainer.precision")
     out += _one_of(cfg.logger.name, ("jsonl", "wandb"), "logger.name")
     out += _one_of(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     sigmoidal = w.shape in ("sigmoid", "reverse")
@@ -305,6 +313,7 @@ def problems(cfg: Config) -> list[str]:
             a.dynamic_sampling_max_rounds >= 0,
             f"algo.dynamic_sampling_max_rounds={a.dynamic_sampling_max_rounds} must be ≥ 0",
         ),
+        (a.tis_cap >= 1.0, f"algo.tis_cap={a.tis_cap} must be ≥ 1 (a cap below 1 shrinks every token)"),
         (w.lower <= w.upper, f"algo.weights.lower={w.lower} must be ≤ algo.weights.upper={w.upper}"),
         (w.tau > 0, f"algo.weights.tau={w.tau} must be > 0"),
         (

@@ -132,13 +132,18 @@ def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: 
 
 
 def _render(tokenizer, example, segments) -> tuple[list[int], list[bool]]:
-    """Token ids of prompt + demonstration + EOS, and which of them the warm start trains on."""
+    """Token ids of prompt + demonstration + EOS, and which of them the warm start trains on.
+
+    Everything after the prompt is trained, tool observations included (RL still masks them): the warm
+    start is the tiny model's only pretraining, and predicting documents that repeat their title's
+    name is what teaches it to copy names, which a tool_qa policy needs for every query and answer.
+    """
     ids = encode_prompt(tokenizer, example.prompt)
     mask = [False] * len(ids)
-    for text, trainable in segments:
+    for text, _trainable in segments:
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids += piece
-        mask += [trainable] * len(piece)
+        mask += [True] * len(piece)
     ids.append(tokenizer.eos_token_id)
     mask.append(True)
     return ids, mask

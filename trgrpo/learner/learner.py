@@ -10,6 +10,7 @@ not change the loss. What it does not do: sampling, rewards or advantages (the l
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -17,10 +18,11 @@ import torch
 from torch import Tensor
 
 from trgrpo.algo.losses import Normalizer, bucket_metrics, bucket_sums, policy_loss
+from trgrpo.algo.tis import tis_weights
 from trgrpo.algo.token_weights import token_weights, weight_stats
 from trgrpo.config import AlgoConfig, TrainerConfig
 from trgrpo.learner.batch import MicroBatch, make_microbatches, to_device
-from trgrpo.learner.logprobs import response_logprobs
+from trgrpo.learner.logprobs import float32_attention, response_logprobs
 from trgrpo.records import Rollout
 
 
@@ -46,6 +48,10 @@ class Learner:
         self.max_len = algo.agg_max_len or max_new_tokens
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
+        if trainer.precision == "bf16" and self.device.type == "cpu":
+            for m in (model, ref_model):  # the same attention numerics for policy and reference
+                if m is not None:
+                    float32_attention(m)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=trainer.lr,
@@ -67,8 +73,11 @@ class Learner:
 
     @torch.no_grad()
     def _score(self, model, mbs: Sequence[MicroBatch]) -> list[Tensor]:
+        t = self.trainer
         return [
-            response_logprobs(model, mb, temperature=self.temperature, chunk=self.trainer.logprob_chunk)[0]
+            response_logprobs(
+                model, mb, temperature=self.temperature, chunk=t.logprob_chunk, precision=t.precision
+            )[0]
             for mb in mbs
         ]
 
@@ -148,11 +157,17 @@ class Learner:
         buckets = None
         for i, mb in enumerate(mbs):
             logprobs, entropy = response_logprobs(
-                self.model, mb, temperature=self.temperature, chunk=t.logprob_chunk, with_entropy=True
+                self.model,
+                mb,
+                temperature=self.temperature,
+                chunk=t.logprob_chunk,
+                with_entropy=True,
+                precision=t.precision,
             )
             old_lp = None if old is None else old[i]
             basis = (old_lp if old_lp is not None else logprobs).detach()
             weights = self._weights(basis) if a.weights.shape != "none" else None
+            tis = tis_weights(basis, mb.sampler_logprobs, mb.response_mask, level=a.tis, cap=a.tis_cap)
             loss, parts = policy_loss(
                 logprobs,
                 old_lp,
@@ -168,6 +183,7 @@ class Learner:
                 kl_coef=a.kl_coef,
                 kl_estimator=a.kl_estimator,
                 norm=norm,
+                tis_weights=tis,
             )
             loss.backward()
             for key, value in parts.items():
@@ -211,4 +227,6 @@ class Learner:
                     f"{self.bad_steps} optimizer steps in a row had a non-finite loss or gradient norm "
                     f"(last grad norm {grad_norm}); lower trainer.lr or check the data"
                 )
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still counts in the schedule: not a misuse
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()

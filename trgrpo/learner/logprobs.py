@@ -4,6 +4,12 @@ The model's body gives hidden states; the lm_head, log-softmax and gather run ov
 `chunk` response tokens. Under autograd each chunk is checkpointed, so its logits are recomputed in
 the backward pass instead of kept: peak memory is one chunk of logits, whatever the vocabulary.
 log p is the log-softmax of logits / temperature over the full vocabulary (ALGORITHMS.md).
+
+With precision "bf16" the model body runs under autocast (bfloat16 matmuls, float32 weights and
+residual stream); the lm_head and log-softmax stay in float32, so only the hidden states carry bf16
+rounding. Autocast state is recorded by checkpointing, so recomputation in backward matches forward.
+On CPU, attention is kept in float32 (`float32_attention`): bf16 SDPA's backward is ~2.4x slower
+than float32's there, while bf16 matmuls are ~4x faster (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -60,19 +66,70 @@ def token_logprobs(
     return logprobs, entropy
 
 
+FLOAT32_SDPA = "trgrpo_sdpa_float32"
+
+
+def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+
+
+def float32_attention(model) -> bool:
+    """Make an SDPA model compute attention in float32, even under autocast. Returns whether it did.
+
+    Registers a transformers attention function (SDPA with autocast off); without autocast it computes
+    exactly what "sdpa" does. A model using another implementation, or a transformers without the
+    attention registries, is left alone. The choice is not saved with the model's config.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return model.config._attn_implementation == FLOAT32_SDPA
+    AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
+    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(FLOAT32_SDPA)
+    else:
+        model.config._attn_implementation = FLOAT32_SDPA
+    return True
+
+
 def response_logprobs(
-    model, mb: MicroBatch, *, temperature: float, chunk: int, with_entropy: bool = False
+    model,
+    mb: MicroBatch,
+    *,
+    temperature: float,
+    chunk: int,
+    with_entropy: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor | None]:
-    """[B, T] log-probs of mb.response_ids (0 where response_mask is False), and entropy [B, T] or None."""
+    """[B, T] log-probs of mb.response_ids (0 where response_mask is False), and entropy [B, T] or None.
+
+    precision: "fp32", or "bf16" for autocast of the model body (the head stays float32).
+    """
+    assert precision in ("fp32", "bf16"), f"precision={precision!r}: expected fp32 or bf16"
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    hidden = body(
-        input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
-    ).last_hidden_state
+    device_type = mb.input_ids.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        hidden = body(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            use_cache=False,  # one full pass: a KV cache would only hold memory
+        ).last_hidden_state
     p, t = mb.prompt_width, mb.response_ids.shape[1]
     hidden = hidden[:, p - 1 : p - 1 + t]  # the states that predict response tokens 0..T−1
     head = model.get_output_embeddings()
     flat_mask = mb.response_mask.reshape(-1)
     selected = hidden.reshape(-1, hidden.shape[-1])[flat_mask]
+    selected = selected.to(head.weight.dtype)  # the head runs outside autocast, in the weights' dtype
     targets = mb.response_ids.reshape(-1)[flat_mask]
     values, entropy = token_logprobs(
         selected,

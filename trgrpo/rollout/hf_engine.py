@@ -4,7 +4,8 @@ It shares the policy module with the learner, so `load_weights` has nothing to c
 are log-softmax(raw logits / temperature) over the full vocabulary at the sampled ids, the same
 quantity the learner computes (ALGORITHMS.md, "Log-probs"); top-p only changes which ids are drawn.
 Sampling uses a forked RNG seeded per call, so generation never moves the learner's RNG and a run is
-reproducible from its seed.
+reproducible from its seed. With n > 1 samples per prompt, each prompt is prefilled once and its KV
+cache repeated n times (`generate`'s num_return_sequences would run the prefill n times).
 """
 
 from __future__ import annotations
@@ -39,15 +40,15 @@ class HFEngine:
     def _generate_batch(
         self, prompts: list[list[int]], sampling: Sampling, seed: int | None
     ) -> list[Completion]:
-        rows = [p for p in prompts for _ in range(sampling.n)]
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(rows):  # left padding: every row's next token is at the same position
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same position
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
@@ -62,12 +63,14 @@ class HFEngine:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         was_training = self.model.training
         self.model.eval()
+        if sampling.n > 1 and width > 1:
+            kwargs["past_key_values"] = self._prefill(input_ids, attention, sampling.n)
+        input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
+        attention = attention.repeat_interleave(sampling.n, dim=0)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            result = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
-            )
+            result = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         self.model.train(was_training)
         new_ids = result.sequences[:, width:].cpu()
         temperature = 1.0 if sampling.greedy else sampling.temperature
@@ -76,8 +79,32 @@ class HFEngine:
             torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
         )
         return [
-            self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(rows))
+            self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(new_ids))
         ]
+
+    def _prefill(self, input_ids: Tensor, attention: Tensor, n: int):
+        """The KV cache of every prompt but its last token, computed once and repeated n times per row.
+
+        `generate` sees a cache shorter than its input by one token, so it runs only that token through
+        the model before sampling; the distribution is the same as prefilling each of the n copies.
+        """
+        from transformers import DynamicCache
+
+        try:  # the config gives the layer types (e.g. sliding-window layers)
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers
+            cache = DynamicCache()
+        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        mask = attention[:, :-1]
+        body(
+            input_ids=input_ids[:, :-1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _completion(self, ids: list[int], logprobs: list[float], sampling: Sampling) -> Completion:
         end, reason = len(ids), "length"

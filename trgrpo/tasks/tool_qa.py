@@ -208,16 +208,21 @@ class ToolQATask:
         return diag
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
-        """Search each hop's document by its title, compute if needed, answer; observations untrained."""
+        """Search each hop's document by its title, compute if needed, answer; observations untrained.
+
+        A space follows `<search>` and `<answer>` (the tool and the verifier strip it): a name copied
+        from the question or a document then tokenises exactly as it did there (" Baifi", not "Baifi"),
+        so a byte-level BPE model copies it token by token instead of re-spelling its first word.
+        """
         meta = example.meta
         queries = meta.get("evidence") or [meta.get("question", "")]
         segments: list[tuple[str, bool]] = []
         for query in queries:
-            segments.append((f"<search>{query}</search>", True))
+            segments.append((f"<search> {query}</search>", True))
             segments.append((self.tools["search"](query, example), False))
         expression = meta.get("calc_expression")
         if expression and "calc" in self.tools:
             segments.append((f"<calc>{expression}</calc>", True))
             segments.append((self.tools["calc"](expression, example), False))
-        segments.append((f"<answer>{example.answer}</answer>", True))
+        segments.append((f"<answer> {example.answer}</answer>", True))
         return segments

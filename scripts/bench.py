@@ -1,0 +1,266 @@
+"""`make bench`: one GRPO training step of this runner against TRL's GRPOTrainer, phase by phase.
+
+Parts (pick with --only; all by default):
+
+- `trl`:     one training step on the same local model and the same work (N prompts × G samples ×
+             T new tokens, β = 0, token-mean loss, same lr, one optimizer step per batch), for this
+             runner (trainer.precision fp32 and bf16) and for TRL (its defaults on CPU, bf16 autocast
+             and gradient checkpointing, and fp32 without checkpointing). Phases: generate, verify,
+             old/ref log-probs, update, weight sync; tokens/s; peak memory; learner FLOP/s as a
+             fraction of the matmul rate measured in the same process.
+- `threads`: one step of the default tiny run (`trgrpo train`) with 1 and 2 torch threads.
+- `memory`:  peak memory of the log-prob pass (forward + backward) for a ~150k vocabulary, chunked
+             (trainer.logprob_chunk) against naive full logits.
+
+Models, built into a temporary folder (so TRL loads them by path): the tiny preset's architecture
+(hidden 128, 4 layers) and a ~10M-parameter Llama (hidden 256, 8 layers), both freshly initialised
+with the tiny preset's tokenizer trained on the math task. Fresh weights rarely emit EOS, so nearly
+every completion runs to the token cap on both sides and the work is the same.
+
+Every case runs in its own process (`scripts/bench_cases.py`), with the bench venv's Python, which
+has trl (see docs/BENCHMARKS.md for its setup); cases alternate between runners within a model.
+Peak memory is the growth of the process's peak RSS (`ru_maxrss`) over the case.
+
+    .venv/bin/python scripts/bench.py                      # everything, ~10 minutes on 2 cores
+    .venv/bin/python scripts/bench.py --only trl --models llama-10m --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = Path(__file__).resolve().parent / "bench_cases.py"
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PARTS = ("trl", "threads", "memory")
+MODELS = {  # TinyConfig fields
+    "tiny": {},
+    "llama-10m": {"hidden_size": 256, "layers": 8, "heads": 8, "intermediate_size": 1024},
+}
+VENV_HELP = (
+    "python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 && "
+    ".venv-bench/bin/pip install -e '.[dev,bench]'"
+)
+
+
+def run_case(python: str, spec: dict, timeout: float = 900) -> dict:
+    """Run one case in a fresh process; returns its result (or {"error": ...})."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [python, str(CASES), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"exit {proc.returncode}: " + "\n".join(tail)}
+
+
+def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
+    """Save each model (fresh weights, the tiny preset's tokenizer) under folder/<name>."""
+    sys.path.insert(0, str(CASES.parent))
+    from bench_cases import MATH_OVERRIDES, compose
+
+    from trgrpo.config import TinyConfig
+    from trgrpo.models import _init_model, _train_tokenizer
+    from trgrpo.tasks import make_task
+
+    cfg = compose(MATH_OVERRIDES)
+    task = make_task(cfg.task)
+    examples = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
+    tokenizer = _train_tokenizer(task, examples, TinyConfig().vocab_size)
+    paths = {}
+    for name in names:
+        model = _init_model(tokenizer, TinyConfig(**MODELS[name]), seed=0)
+        paths[name] = folder / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def step_cases(model_dir: Path, args) -> dict[str, dict]:
+    """The runners compared on one model, in the order they run (alternating ours and TRL)."""
+    common = dict(warmup=1, steps=args.steps)
+    ours = [
+        "task=math",
+        "task.train_size=2000",
+        "algo=grpo",
+        "algo.kl_coef=0",
+        f"model.path={model_dir}",
+        "model.name=bench",
+        f"rollout.group_size={args.group_size}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.prompts_per_step={args.prompts}",
+        f"trainer.lr={args.lr}",
+        "trainer.warmup_steps=0",
+        "trainer.threads=1",
+        "logger.console=false",
+    ]
+    trl = dict(
+        kind="trl",
+        model_dir=str(model_dir),
+        threads=1,
+        prompts=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        lr=args.lr,
+        **common,
+    )
+    return {
+        "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common),
+        "trl defaults (bf16, grad ckpt)": dict(trl, bf16=True, gradient_checkpointing=True),
+        "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
+        "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
+    }
+
+
+def learner_fraction(r: dict, name: str) -> tuple[float, float]:
+    """Learner FLOP/s (6 · matmul params · tokens / update seconds) and its fraction of the matmul rate."""
+    flops = 6 * r["matmul_params"] * r["learner_tokens"] / max(r["update"], 1e-9)
+    rate = r["bf16_rate"] if ("bf16" in name) else r["fp32_rate"]
+    return flops, flops / rate
+
+
+def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
+    print(
+        f"\n### One training step: {args.prompts} prompts × {args.group_size} samples × "
+        f"{args.max_new_tokens} new tokens, β = 0, 1 torch thread (median of {args.steps} steps)\n"
+    )
+    print(
+        "| model | runner | generate s | verify s | old/ref s | update s | sync s | step s | vs TRL defaults "
+        "| new tokens | tokens/s | learner GFLOP/s | of matmul peak | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, runs in results.items():
+        base = runs.get("trl defaults (bf16, grad ckpt)", {}).get("step")
+        for name, r in runs.items():
+            if "error" in r:
+                print(f"| {model} | {name} | error: {r['error'].splitlines()[-1][:120]} |")
+                continue
+            flops, frac = learner_fraction(r, name)
+            ratio = f"{r['step'] / base:.2f}x" if base else "–"
+            print(
+                f"| {model} | {name} | {r['generate']:.2f} | {r['verify']:.3f} | {r['old_ref']:.2f} "
+                f"| {r['update']:.2f} | {r['sync']:.3f} | {r['step']:.2f} | {ratio} | {r['new_tokens']:.0f} "
+                f"| {r['new_tokens'] / r['step']:.0f} | {flops / 1e9:.1f} | {frac:.0%} "
+                f"| {r['peak_rss'] / 2**20:.0f} |"
+            )
+    print("\nStep times per run (s): ")
+    for model, runs in results.items():
+        for name, r in runs.items():
+            if "steps" in r:
+                rates = f"matmul fp32 {r['fp32_rate'] / 1e9:.0f} / bf16 {r['bf16_rate'] / 1e9:.0f} GFLOP/s"
+                print(f"- {model}, {name}: {r['steps']} ({rates})")
+
+
+def run_threads(python: str, args) -> None:
+    print("\n### Torch threads: one step of the default tiny run (trgrpo train, no overrides)\n")
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.thread_repeats):
+        for threads in (1, 2):
+            spec = dict(
+                kind="threads",
+                warmup=1,
+                steps=args.steps,
+                overrides=[f"trainer.threads={threads}", "logger.console=false"],
+            )
+            r = run_case(python, spec)
+            if "error" in r:
+                print(f"threads={threads}: {r['error']}")
+                return
+            seconds[threads] += r["steps"]
+    print("| torch threads | step s (median) | steps (s) | vs 1 thread |")
+    print("|---|---|---|---|")
+    one = statistics.median(seconds[1])
+    for threads, values in seconds.items():
+        med = statistics.median(values)
+        print(f"| {threads} | {med:.2f} | {values} | {med / one:.2f}x |")
+
+
+def run_memory(python: str, args) -> None:
+    print(
+        f"\n### Log-prob pass memory: vocab {args.vocab}, hidden {args.hidden}, {args.tokens} tokens "
+        "(forward + backward)\n"
+    )
+    print("| mode | peak RSS growth MB | seconds |")
+    print("|---|---|---|")
+    modes = [("chunked", int(c)) for c in args.chunks.split(",") if c] + [("naive", 0)]
+    for mode, chunk in modes:
+        spec = dict(
+            kind="memory", mode=mode, vocab=args.vocab, hidden=args.hidden, tokens=args.tokens, chunk=chunk
+        )
+        r = run_case(python, spec)
+        label = f"chunked, {chunk} tokens a chunk" if mode == "chunked" else "naive full logits"
+        if "error" in r:
+            print(f"| {label} | error: {r['error'].splitlines()[-1][:120]} | |")
+            continue
+        print(f"| {label} | {r['peak_rss'] / 2**20:.0f} | {r['seconds']:.2f} |")
+    full = args.tokens * args.vocab * 4
+    print(f"\n(one float32 [tokens, vocab] logits tensor is {full / 2**20:.0f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case (after one warm-up)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--thread-repeats", type=int, default=2, help="processes per thread count")
+    parser.add_argument("--vocab", type=int, default=151936, help="memory part: Qwen2.5's vocabulary")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=128,
+        help="memory part: hidden size (logits memory does not depend on it)",
+    )
+    parser.add_argument("--tokens", type=int, default=2048, help="memory part: response tokens")
+    parser.add_argument("--chunks", default="256,1024", help="memory part: tokens per chunk, comma-separated")
+    parser.add_argument("--python", default=str(BENCH_PYTHON), help="Python that runs the cases (has trl)")
+    args = parser.parse_args()
+    parts = [p for p in args.only.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    python = args.python
+    if not Path(python).exists():
+        print(f"{python} not found: create the bench venv first:\n  {VENV_HELP}")
+        if "trl" in parts:
+            sys.exit(2)
+        python = sys.executable
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {python}")
+    if "trl" in parts:
+        names = [m for m in args.models.split(",") if m]
+        with tempfile.TemporaryDirectory(prefix="trgrpo-bench-") as tmp:
+            paths = build_models(Path(tmp), names)
+            results = {}
+            for name in names:
+                cases = step_cases(paths[name], args)
+                results[name] = {label: run_case(python, spec) for label, spec in cases.items()}
+            print_step_table(results, args)
+            first = next((r for runs in results.values() for r in runs.values() if "trl_version" in r), None)
+            if first:
+                print(f"\nTRL {first['trl_version']}, transformers {first['transformers_version']}")
+    if "threads" in parts:
+        run_threads(python, args)
+    if "memory" in parts:
+        run_memory(python, args)
+
+
+if __name__ == "__main__":
+    main()
