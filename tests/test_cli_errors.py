@@ -37,6 +37,9 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         OURS,
         ["algo.kl_estimator='k4'", "k1, k2, k3"],
     ),
+    "unknown tis level": (["plan", "algo.tis=tokens"], OURS, ["algo.tis='tokens'", "token, sequence"]),
+    "tis cap below one": (["plan", "algo.tis=token", "algo.tis_cap=0.5"], OURS, ["algo.tis_cap=0.5"]),
+    "unknown precision": (["plan", "trainer.precision=fp16"], OURS, ["trainer.precision='fp16'", "bf16"]),
     "unknown weight shape": (
         ["plan", "algo.weights.shape=cubic"],
         OURS,

@@ -215,6 +215,24 @@ def test_every_combination_composes_and_validates(overrides):
     assert plan_lines(cfg)[-1].startswith("config valid")
 
 
+@pytest.mark.parametrize("task", ["math", "logic", "tool_qa"])
+def test_paper_overlays_hold_the_ar_lopti_recipe(task):
+    """conf/experiment/paper_<task>: 64 prompts × 8, lr 1e-6, clip 0.2/0.24, k3 KL 0.001, token-mean,
+    temperature 0.7, the non-degenerate TR-GRPO weight, a Qwen2.5 model on vLLM; GRPO by algo=grpo."""
+    cfg = make_cfg(f"experiment=paper_{task}")
+    assert cfg.task.name == task
+    assert (cfg.trainer.prompts_per_step, cfg.rollout.group_size, cfg.trainer.lr) == (64, 8, 1e-6)
+    assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.kl_coef) == (0.2, 0.24, 0.001)
+    assert (cfg.algo.kl_estimator, cfg.algo.agg, cfg.rollout.temperature) == ("k3", "token-mean", 0.7)
+    assert cfg.model.name.startswith("qwen2.5-") and cfg.rollout.engine == "vllm"
+    assert cfg.task.max_new_tokens >= 512
+    lines = plan_lines(cfg)
+    assert row(lines, "rollouts per step N·G") == "512"
+    assert curve_of(lines)[0.5] > curve_of(lines)[0.05]  # not the w ≡ 1 reading
+    grpo = make_cfg(f"experiment=paper_{task}", "algo=grpo")
+    assert grpo.algo.weights.shape == "none" and grpo.algo.clip_high == 0.24 and grpo.trainer.lr == 1e-6
+
+
 # ------------------------------------------------------------------------------------------ problems
 
 

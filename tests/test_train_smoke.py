@@ -132,6 +132,15 @@ def test_ppo_epochs_and_minibatches_recompute_old_logprobs(tmp_path):
     assert math.isfinite(row["train/grad_norm"])
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_truncated_importance_sampling_runs_and_logs(level, tmp_path):
+    """The hf engine's sampler log-probs are the learner's up to float noise, so c ≈ 1."""
+    run(make_cfg(*FAST, "trainer.steps=1", f"algo.tis={level}", "algo.tis_cap=2"), tmp_path)
+    row = _read(tmp_path / "metrics.jsonl")[0]
+    assert abs(row["train/tis_mean"] - 1.0) < 1e-3
+    assert math.isfinite(row["train/grad_norm"])
+
+
 def test_literal_tau_gives_constant_weights_and_a_warning(tmp_path, caplog):
     cfg = make_cfg(*FAST, "algo=tr_grpo", "algo.weights.tau=9", "trainer.steps=1")
     with caplog.at_level("WARNING", logger="trgrpo"):

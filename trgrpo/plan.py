@@ -191,6 +191,8 @@ def _loss_rows(cfg: Config) -> list[Row]:
         per_token = f"ℓ = −min(w·r·A, clip(w·r, {lo}, {hi})·A)"
     else:
         per_token = f"ℓ = −w·min(r·A, clip(r, {lo}, {hi})·A)"
+    if a.tis != "none":
+        per_token = per_token.replace("ℓ = −", "ℓ = −c·", 1)
     term = "ℓ + β·KL" if a.kl_coef > 0 else "ℓ"
     total = {
         "token-mean": f"Σ_{{i,t}} m·({term}) / Σ_{{i,t}} m",
@@ -215,8 +217,17 @@ def _loss_rows(cfg: Config) -> list[Row]:
         ("normaliser", normaliser(cfg)),
         ("KL term", kl),
         ("reference model", ref),
+        ("mismatch (TIS)", _tis_row(a)),
         ("advantages", f"{adv}; a group of equal rewards gives Â = 0"),
     ]
+
+
+def _tis_row(a) -> str:
+    if a.tis == "token":
+        return f"c = min(p_old / p_sampler, {a.tis_cap:g}) per token (algo.tis=token)"
+    if a.tis == "sequence":
+        return f"c = min(Π_t p_old / p_sampler, {a.tis_cap:g}) per sequence (algo.tis=sequence)"
+    return "no correction (algo.tis=none); the sampler-vs-learner log-prob gap is logged every step"
 
 
 def _weight_rows(cfg: Config) -> tuple[list[Row], list[str]]:

@@ -93,18 +93,21 @@ def policy_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     norm: Normalizer | None = None,
+    tis_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO / TR-GRPO loss. All [B, T] except advantages [B] (broadcast over tokens) or [B, T].
 
     r = exp(clamp(log p − log p_old, ±LOG_RATIO_CLAMP)); old_logprobs None → logprobs.detach() (r = 1).
     Per token: ℓ = −min(r·A, clip(r, 1 − clip_low, 1 + clip_high)·A). token_weights w (detached):
     placement "loss": ℓ ← w·ℓ; placement "ratio": ℓ = −min(w·r·A, clip(w·r, …)·A). KL when
-    kl_coef > 0 (needs ref_logprobs): kl_penalty per token, times w when weight_kl.
+    kl_coef > 0 (needs ref_logprobs): kl_penalty per token, times w when weight_kl. tis_weights c
+    (detached, algo/tis.py): the policy term only, ℓ ← c·ℓ.
     loss = aggregate(ℓ + kl_coef·kl, response_mask, agg, norm). Padding may hold nan/inf.
     Metrics (floats, aggregated with the same norm so micro-batch dicts sum to the step's): loss/policy,
     loss/kl (the aggregated KL term before kl_coef, including w when weight_kl; 0.0 when off),
     train/clip_frac_low, train/clip_frac_high (on the clipped quantity: w·r for placement "ratio"),
-    train/ratio_mean, train/approx_kl_old (k3 between old and current policy).
+    train/ratio_mean, train/approx_kl_old (k3 between old and current policy), and train/tis_mean
+    when tis_weights is given.
     """
     if weight_placement not in PLACEMENTS:
         raise ValueError(f"unknown weight_placement {weight_placement!r}; valid: {', '.join(PLACEMENTS)}")
@@ -129,12 +132,18 @@ def policy_loss(
     pg = _clipped_surrogate(effective, adv, clip_low, clip_high)
     if w is not None and weight_placement == "loss":
         pg = w * pg
+    c = _masked(tis_weights, mask, 1.0, detach=True)
+    if c is not None:
+        pg = c * pg
     kl = None
     if kl_coef > 0:
         kl = kl_penalty(lp, _masked(ref_logprobs, mask, 0.0, detach=True), estimator=kl_estimator)
         kl = w * kl if (weight_kl and w is not None) else kl
     loss = aggregate(pg if kl is None else pg + kl_coef * kl, mask, agg, norm)
-    return loss, _loss_metrics(pg, kl, ratio, effective, adv, lp, old, mask, agg, norm, clip_low, clip_high)
+    metrics = _loss_metrics(pg, kl, ratio, effective, adv, lp, old, mask, agg, norm, clip_low, clip_high)
+    if c is not None:
+        metrics["train/tis_mean"] = float(aggregate(c, mask, agg, norm))
+    return loss, metrics
 
 
 def _loss_metrics(
