@@ -53,11 +53,23 @@ eval: $(STAMP)
 report: $(STAMP)
 	$(VENV)/bin/trgrpo report multirun $(ARGS)
 
-bench: $(STAMP)
-	$(PY) scripts/bench.py $(ARGS)
+# TRL runs in its own venv (.venv-bench: torch 2.13.0 CPU, this package, trl), so the main one keeps
+# only what the runner needs; scripts/bench.py runs every case there, in a fresh process.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(PY) scripts/bench.py --python $(BENCH_VENV)/bin/python $(ARGS)
 
 tiny: $(STAMP)
 	$(VENV)/bin/trgrpo build-tiny $(ARGS)
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) outputs multirun .pytest_cache

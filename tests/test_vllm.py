@@ -176,3 +176,24 @@ def test_engine_from_a_policy_without_folder_saves_it(setup):
     assert other._tmp is not None
     ours = [c.token_ids for c in other.generate(prompts, GREEDY)]
     assert ours == [c.token_ids for c in engine.generate(prompts, GREEDY)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["logic", "tool_qa"])
+def test_vllm_trains_the_other_tasks(task, tmp_path):
+    """rollout=vllm for logic and the multi-turn tool_qa agent loop: stop strings end each tool turn,
+    observations are appended as tokens (masked), and the steps run end to end."""
+    cfg = make_cfg(*FAST, f"task={task}", "rollout=vllm", "trainer.steps=2")
+    run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        for key in ("loss/policy", "train/grad_norm", "rollout/response_len", "rollout/logprob_diff_max"):
+            assert math.isfinite(row[key]), (key, row[key])
+        assert row["rollout/logprob_diff_max"] < 1e-3  # float32 sampler and learner agree
+    if task == "tool_qa":
+        assert train_rows[0]["rollout/searches"] > 0 and train_rows[0]["rollout/turns"] >= 1
+        samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+        assert any("<information>" in s["response"] for s in samples)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"

@@ -283,6 +283,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                 rollback = (sampler.state(), checkpoint.rng_state())
                 t0 = time.perf_counter()
                 rollouts, drawn = sample_groups(ctx, sampler, cfg, step)
+                engine.sleep()  # vLLM on GPU: free its memory for the learner; load_weights wakes it
                 t1 = time.perf_counter()
                 with guard.hold():
                     g = r.group_size
@@ -345,6 +346,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     finally:
         logger.close()
         ctx["pool"].close()
+        ctx["engine"].close()
     return metrics
 
 

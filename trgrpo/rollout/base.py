@@ -20,3 +20,12 @@ class Engine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Make the next `generate` sample from these weights (a no-op when sharing the model)."""
         ...
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory while the learner runs (a no-op where there is none to
+        free); the next `generate` or `load_weights` wakes it."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine for good (the run is over); another engine may start after it."""
+        ...

@@ -28,6 +28,12 @@ class HFEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Nothing to do: this engine samples from the learner's module itself."""
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine holds no memory of its own besides the learner's module."""
+
+    def close(self) -> None:
+        """Nothing to release (see `sleep`)."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
         step = self.batch_size or len(prompts) or 1

@@ -19,6 +19,7 @@ off-policy sampling (truncated importance sampling lives in the learner).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -167,6 +168,18 @@ class VLLMEngine:
             self.llm.wake_up()
             self.llm.reset_prefix_cache()
             self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down now (its distributed state, memory and temporary folder), so that a
+        later engine in this process (the next job of a multirun) starts clean. Idempotent."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # tears down vLLM's process groups; detaches its finalizer
+            del llm
+            gc.collect()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def _refresh_tied_head(model) -> None:
