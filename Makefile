@@ -51,7 +51,7 @@ eval: $(STAMP)
 	$(VENV)/bin/trgrpo eval $(ARGS)
 
 report: $(STAMP)
-	$(VENV)/bin/trgrpo report multirun $(ARGS)
+	$(VENV)/bin/trgrpo report $(if $(ARGS),$(ARGS),multirun)
 
 # TRL runs in its own venv (.venv-bench: torch 2.13.0 CPU, this package, trl), so the main one keeps
 # only what the runner needs; scripts/bench.py runs every case there, in a fresh process.

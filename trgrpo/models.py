@@ -25,8 +25,8 @@ import torch
 from trgrpo.config import ConfigError, ModelConfig, TaskConfig, TinyConfig
 
 log = logging.getLogger("trgrpo")
-TINY_FORMAT = 1
-WARMSTART_EXAMPLES = 16384  # the most warm-start examples drawn; tasks keep test data out of these  # bump when the build recipe changes, so old caches are not reused
+TINY_FORMAT = 2  # bump when the build recipe changes, so old caches are not reused
+WARMSTART_EXAMPLES = 16384  # the most warm-start examples drawn; tasks keep test data out of these
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Whole tokens for the tags the tasks use, so stop strings end exactly on a token boundary.
 TAG_TOKENS = [
