@@ -13,6 +13,7 @@ tracemalloc). Cases:
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import statistics
@@ -89,9 +90,10 @@ def ours(case: dict) -> dict:
         enable_gradient_checkpointing(policy)
     engine = make_engine(r, policy, tokenizer, seed=cfg.seed)
     pool = VerifyPool(cfg.task, workers=t.verify_workers, timeout=t.verify_timeout, task=task)
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     learner = Learner(
         policy,
-        None,
+        ref_model,
         trainer=t,
         algo=cfg.algo,
         temperature=r.temperature,

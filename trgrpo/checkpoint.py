@@ -6,6 +6,11 @@ stays intact until the new one is complete. `checkpoints/step_N/` holds the mode
 (loadable by `transformers` and `trgrpo eval`) and `trainer_state.pt`: optimizer, scheduler, step,
 python/numpy/torch RNG states, the prompt sampler's position, learner counters and the resolved config.
 
+A sharded learner (FSDP2 under torchrun) writes the same folder plus `sharded/`: model and optimizer
+state in torch.distributed.checkpoint (DCP) format, each rank writing its own shards. The HF folder is
+then the model gathered to rank 0, and `trainer_state.pt` (rank 0's) has no optimizer. DCP reshards on
+load, so such a checkpoint resumes under any number of processes, one included.
+
 Resuming (`trainer.resume`) restores all of it, so the steps after the resume point compute what an
 uninterrupted run computes; a config that would change that math is refused (`check_config`).
 `InterruptGuard` makes Ctrl-C wait while a step is being applied, so what an interrupted run saves is
@@ -22,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from trgrpo.config import ConfigError
 
 log = logging.getLogger("trgrpo")
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"  # DCP shards of {"model", "optimizer"}, written by sharded learners
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = (".tmp-step_", ".old-step_")  # prefixes of folders a killed save can leave behind
 
@@ -98,23 +105,85 @@ def save(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "rng": rng_state(), **trainer_state}, tmp / STATE_FILE)
-        if target.exists():  # set aside, not deleted, until the new one is in place
-            target.rename(tmp.with_name(f".old-step_{step}-{tmp.name.rsplit('-', 1)[-1]}"))
-        tmp.rename(target)
+        _commit(tmp, target, {"step": step, "rng": rng_state(), **trainer_state})
     except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception):  # disk full, permissions; torch reports a full disk as RuntimeError
-            raise CheckpointError(f"writing checkpoint {target} failed: {err}") from err
-        raise
+        _discard(tmp, target, err)
+    _tidy(directory, keep_last)
+    return target
+
+
+def save_sharded(
+    directory: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """`save` for a learner sharded with FSDP2: every rank calls it (collectives inside).
+
+    Every rank writes its shards of the model and optimizer to `sharded/` (DCP); the full model is
+    gathered to rank 0, which writes the HF folder, the tokenizer and `trainer_state.pt` and renames
+    the folder into place. The folder must be on a file system all ranks share.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from trgrpo.learner import distributed
+
+    target = directory / f"step_{step}"
+    made: Path | str | None = None
+    if distributed.is_main():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            made = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
+        except OSError as err:
+            made = str(err)
+    made = distributed.broadcast(made)  # the folder every rank writes into, or rank 0's error
+    if not isinstance(made, Path):
+        raise CheckpointError(f"writing checkpoint {target} failed: {made}")
+    tmp = made
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED_DIR)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if distributed.is_main():
+            model.save_pretrained(tmp, state_dict=full)
+            tokenizer.save_pretrained(tmp)
+            _commit(tmp, target, {"step": step, "rng": rng_state(), **trainer_state})
+    except BaseException as err:
+        _discard(tmp if distributed.is_main() else None, target, err)
+    if distributed.is_main():
+        _tidy(directory, keep_last)
+    return target
+
+
+def _commit(tmp: Path, target: Path, state: dict[str, Any]) -> None:
+    """Write the trainer state last, then swap the finished folder into place."""
+    torch.save(state, tmp / STATE_FILE)
+    if target.exists():  # set aside, not deleted, until the new one is in place
+        target.rename(tmp.with_name(f".old-{target.name}-{tmp.name.rsplit('-', 1)[-1]}"))
+    tmp.rename(target)
+
+
+def _discard(tmp: Path | None, target: Path, err: BaseException) -> None:
+    """Remove a partial folder and re-raise: CheckpointError for an error of the write itself."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(err, Exception):  # disk full, permissions; torch reports a full disk as RuntimeError
+        raise CheckpointError(f"writing checkpoint {target} failed: {err}") from err
+    raise err
+
+
+def _tidy(directory: Path, keep_last: int) -> None:
     for leftover in directory.iterdir():  # a killed save's temporary folder, a replaced checkpoint
         if leftover.name.startswith(_LEFTOVER):
             shutil.rmtree(leftover, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -177,9 +246,10 @@ def load_model_weights(model, path: Path) -> None:
 
 
 def trainer_state(learner, sampler, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything but the weights and RNG that the next step depends on, plus the config (for checks)."""
+    """Everything but the weights and RNG that the next step depends on, plus the config (for checks).
+    A sharded learner's optimizer state goes to the DCP shards instead (`save_sharded`)."""
     return {
-        "optimizer": learner.optimizer.state_dict(),
+        "optimizer": None if learner.sharded else learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
         "sampler": sampler.state(),
         "skipped_steps": learner.skipped_steps,
@@ -202,9 +272,21 @@ def resume_state(
 
 
 def restore(path: Path, state: dict[str, Any], *, model, learner, sampler) -> int:
-    """Put a loaded checkpoint back into the model, learner, sampler and RNGs; returns its step."""
-    load_model_weights(model, path)
-    learner.optimizer.load_state_dict(state["optimizer"])
+    """Put a loaded checkpoint back into the model, learner, sampler and RNGs; returns its step.
+
+    A checkpoint with DCP shards loads from them (model and optimizer, resharded to this run's ranks);
+    a one-process checkpoint loads only into an unsharded learner.
+    """
+    if (path / SHARDED_DIR).is_dir():
+        load_sharded(path, model=model, optimizer=learner.optimizer)
+    elif learner.sharded:
+        raise ConfigError(
+            f"trainer.resume: {path} was written by a one-process run (no {SHARDED_DIR}/ folder) and this "
+            "run is distributed; resume it with one process (or start from its weights with model.path)"
+        )
+    else:
+        load_model_weights(model, path)
+        learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.skipped_steps = state.get("skipped_steps", 0)
     learner.bad_steps = state.get("bad_steps", 0)
@@ -212,6 +294,20 @@ def restore(path: Path, state: dict[str, Any], *, model, learner, sampler) -> in
     sampler.load(state["sampler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def load_sharded(path: Path, *, model, optimizer) -> None:
+    """Load a checkpoint's DCP shards into a model and its optimizer, sharded or not (a collective
+    when the model is sharded: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # one process reading shards is what DCP calls "no_dist": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path / SHARDED_DIR)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def _config_hyperparameters(learner) -> None:

@@ -8,6 +8,7 @@ and checked in `validate`, with messages that name the fields to change.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +185,7 @@ class TrainerConfig:
     verify_workers: int = 2  # verifier processes
     verify_timeout: float = 5.0  # seconds per sample before it scores 0 as unscorable
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+    distributed: str = "auto"  # auto (FSDP2 over the ranks when torchrun starts > 1) | true | false
 
 
 @dataclass
@@ -256,6 +258,7 @@ def problems(cfg: Config) -> list[str]:
     """
     from pathlib import Path
 
+    from trgrpo.learner.distributed import launched_world_size
     from trgrpo.tasks import TASKS  # lazy: the task registry imports this module
 
     a, r, t, e, m, task = cfg.algo, cfg.rollout, cfg.trainer, cfg.eval, cfg.model, cfg.task
@@ -279,6 +282,9 @@ def problems(cfg: Config) -> list[str]:
     out += _one_of(t.precision, PRECISIONS, "trainer.precision")
     out += _one_of(cfg.logger.name, ("jsonl", "wandb"), "logger.name")
     out += _one_of(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
+    mode, world = str(t.distributed).lower(), launched_world_size()
+    out += _one_of(mode, ("auto", "true", "false"), "trainer.distributed")
+    ranks = world if mode == "true" or (mode == "auto" and world > 1) else 1
     sigmoidal = w.shape in ("sigmoid", "reverse")
     resume_ok = t.resume in (None, "", "none", "false", "auto") or Path(t.resume).expanduser().exists()
     checks = [
@@ -291,6 +297,27 @@ def problems(cfg: Config) -> list[str]:
             t.prompts_per_step % max(t.minibatches, 1) == 0,
             f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by trainer.minibatches="
             f"{t.minibatches}: each minibatch must hold whole groups",
+        ),
+        (
+            mode != "false" or world == 1,
+            f"trainer.distributed=false under torchrun with WORLD_SIZE={world}: every process would train "
+            "alone into the same run directory; set trainer.distributed=auto or launch one process",
+        ),
+        (
+            mode != "true" or "WORLD_SIZE" in os.environ,
+            "trainer.distributed=true needs a torchrun launch (WORLD_SIZE is not set): run `torchrun "
+            "--nproc-per-node N -m trgrpo train ...`, or set trainer.distributed=auto",
+        ),
+        (
+            t.prompts_per_step % ranks == 0,
+            f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by the {ranks} torchrun "
+            "processes (WORLD_SIZE): each rank samples an equal share of whole groups",
+        ),
+        (
+            t.prompts_per_step % ranks != 0 or (t.prompts_per_step // ranks) % max(t.minibatches, 1) == 0,
+            f"trainer.prompts_per_step={t.prompts_per_step} gives {t.prompts_per_step // ranks} prompts to "
+            f"each of {ranks} ranks, not divisible by trainer.minibatches={t.minibatches}: each rank's "
+            "minibatches must hold whole groups",
         ),
         (t.lr > 0, f"trainer.lr={t.lr} must be > 0"),
         (t.max_grad_norm > 0, f"trainer.max_grad_norm={t.max_grad_norm} must be > 0"),

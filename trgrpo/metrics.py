@@ -118,7 +118,7 @@ class MetricsLogger:
             self.samples_file.flush()
 
     def warn_once(self, kind: str, message: str) -> None:
-        if kind not in self.warned:
+        if self.enabled and kind not in self.warned:
             self.warned.add(kind)
             log.warning(message)
 

@@ -3,6 +3,10 @@
 prompts → engine (+ agent loop for tools) → verifier pool → group advantages (→ dynamic sampling) →
 learner step (old/ref log-probs, token weights, policy loss, clip, optimizer) → weight sync →
 metrics, samples, evaluation, checkpoints. No callbacks or hooks: change the loop to change training.
+
+Under torchrun (`trainer.distributed`) every rank runs this loop: it draws the same N prompts, samples
+and scores its own slice of them with its own engine, and steps the shared FSDP2-sharded learner on
+its rollouts. Rank 0 alone logs, evaluates and writes run.json; all ranks write checkpoint shards.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
 from trgrpo.config import Config, resolve, validate
 from trgrpo.evaluate import evaluate_examples
+from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
 from trgrpo.metrics import MetricsLogger, truncate_logs, write_status
 from trgrpo.models import context_limit, load_policy
@@ -119,15 +124,22 @@ def rollout_metrics(rollouts: list[Rollout], rewards: torch.Tensor, group_size: 
 
 
 def sample_groups(ctx, sampler: PromptSampler, cfg: Config, step: int):
-    """N groups of G rollouts. With dynamic sampling (DAPO), equal-reward groups are dropped and more
-    prompts are drawn, for at most `dynamic_sampling_max_rounds` extra rounds."""
+    """This rank's groups of G rollouts: its slice of the N prompts drawn (all N in one process). With
+    dynamic sampling (DAPO), equal-reward groups are dropped and more prompts are drawn, for at most
+    `dynamic_sampling_max_rounds` extra rounds, until every rank has its share.
+
+    Every rank draws the same prompts from its own copy of the sampler, so the samplers stay equal
+    and the union of the ranks' slices is the one-process batch; each rank samples with its own seed.
+    """
     n, g = cfg.trainer.prompts_per_step, cfg.rollout.group_size
+    mine = distributed.share(n)
     kept: list[Rollout] = []
     drawn = 0
     rounds = 1 + (cfg.algo.dynamic_sampling_max_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
-        examples = [ctx["train_data"][i] for i in sampler.next(n)]
-        sampling = dataclasses.replace(ctx["sampling"], seed=cfg.seed * 1_000_003 + step * 131 + r)
+        examples = [ctx["train_data"][i] for i in sampler.next(n)[mine]]
+        seed = cfg.seed * 1_000_003 + step * 131 + r + distributed.rank() * 65_537
+        sampling = dataclasses.replace(ctx["sampling"], seed=seed)
         fresh = sample_and_score(
             ctx["engine"],
             ctx["task"],
@@ -145,9 +157,9 @@ def sample_groups(ctx, sampler: PromptSampler, cfg: Config, step: int):
             group = fresh[k : k + g]
             if len({ro.reward.score for ro in group}) > 1:
                 kept += group
-        if len(kept) >= n * g:
+        if distributed.all_true(len(kept) >= len(examples) * g):
             break
-    return (kept[: n * g] or fresh), drawn
+    return (kept[: len(examples) * g] or fresh), drawn
 
 
 def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
@@ -169,16 +181,21 @@ def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
     return {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
 
 
-def build(cfg: Config, device: torch.device) -> tuple[Learner, PromptSampler, dict]:
+def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Learner, PromptSampler, dict]:
     """The pieces the loop wires: the learner (which owns the policy), the prompt sampler, and `ctx`
-    (engine, task, tokenizer, verifier pool, data, sampling settings)."""
+    (engine, task, tokenizer, verifier pool, data, sampling settings).
+
+    shard: the learner shards the policy with FSDP2, which a `transformers` generate cannot run
+    (every rank would have to take part in every forward), so the hf engine gets an unsharded copy.
+    """
     t = cfg.trainer
     task = make_task(cfg.task)
     policy, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed, device=str(device))
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
-    engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed)
+    own = copy.deepcopy(policy) if shard and cfg.rollout.engine == "hf" else policy
+    engine = make_engine(cfg.rollout, own, tokenizer, seed=cfg.seed)
     train_data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
     eval_data = task.dataset("test", cfg.task.eval_size, cfg.task.data_seed)
     sampler = PromptSampler(len(train_data), cfg.seed)
@@ -190,6 +207,7 @@ def build(cfg: Config, device: torch.device) -> tuple[Learner, PromptSampler, di
         temperature=cfg.rollout.temperature,
         max_new_tokens=cfg.rollout.max_new_tokens,
         pad_id=tokenizer.pad_token_id,
+        shard=shard,
     )
     r = cfg.rollout
     ctx = {
@@ -208,30 +226,45 @@ def build(cfg: Config, device: torch.device) -> tuple[Learner, PromptSampler, di
 
 
 def run(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Train; returns the last step's metrics (with the final evaluation)."""
+    """Train; returns the last step's metrics (with the final evaluation).
+
+    Under torchrun with trainer.distributed on, joins the process group (and leaves it at the end)
+    and trains in rank 0's run directory.
+    """
     validate(resolve(cfg))
     t = cfg.trainer
+    device, shard = pick_device(t.device), distributed.wanted(t.distributed)
+    if shard:
+        device = distributed.init(device)
+        run_dir = distributed.broadcast(run_dir)  # Hydra's timestamped folder may differ between ranks
+    main = distributed.is_main()
+    if not main:
+        log.setLevel(logging.WARNING)  # one console: rank 0's
+
+    def status(**fields) -> None:
+        if main:
+            write_status(run_dir, **fields)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir.resolve())
     config = dataclasses.asdict(cfg)
     resume_from, state = checkpoint.resume_state(t.resume, run_dir, config, force=t.resume_force)
     start = state["step"] if state is not None else 0
-    if checkpoint.wants_resume(t.resume):
+    if checkpoint.wants_resume(t.resume) and main:
         truncate_logs(run_dir, start)  # the steps after the checkpoint are done again
     if state is not None and start == t.steps:
         log.info("%s is at trainer.steps=%d: nothing left to train", resume_from, t.steps)
-        write_status(run_dir, status="finished", last_step=start)
+        status(status="finished", last_step=start)
+        distributed.destroy()
         return {}
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(cfg.seed)
-    device = pick_device(t.device)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if not hydra_cfg.exists():  # called without Hydra (tests, scripts): save the config ourselves
+    if not hydra_cfg.exists() and main:  # called without Hydra (tests, scripts): save the config ourselves
         hydra_cfg.parent.mkdir(parents=True, exist_ok=True)
         hydra_cfg.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    write_status(
-        run_dir,
+    status(
         status="running",
         task=cfg.task.name,
         algo=cfg.algo.name,
@@ -244,14 +277,16 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         checkpoint_error=None,
     )
 
-    learner, sampler, ctx = build(cfg, device)
+    learner, sampler, ctx = build(cfg, device, shard=shard)
     policy, tokenizer, engine, r = learner.model, ctx["tokenizer"], ctx["engine"], cfg.rollout
     if state is not None:
         checkpoint.restore(resume_from, state, model=policy, learner=learner, sampler=sampler)
-        engine.load_weights(policy.named_parameters())
+        engine.load_weights(fsdp.full_parameters(policy))
         log.info("resumed from %s at step %d", resume_from, start)
         del state  # the optimizer's copy
-    logger = MetricsLogger(run_dir, cfg.logger, config=config, total_steps=t.steps, start_step=start)
+    logger = MetricsLogger(
+        run_dir, cfg.logger, config=config, total_steps=t.steps, start_step=start, enabled=main
+    )
     if cfg.algo.weights.shape != "none":
         log.info("token weights: %s, placement %s", cfg.algo.weights.shape, cfg.algo.weights.placement)
 
@@ -260,18 +295,15 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         trainer_state = checkpoint.trainer_state(learner, sampler, config)
         if rng is not None:
             trainer_state["rng"] = rng
+        where = dict(model=policy, tokenizer=tokenizer, trainer_state=trainer_state, keep_last=t.keep_last)
         try:
-            checkpoint.save(
-                run_dir / "checkpoints",
-                step,
-                model=policy,
-                tokenizer=tokenizer,
-                trainer_state=trainer_state,
-                keep_last=t.keep_last,
-            )
+            if learner.sharded:
+                checkpoint.save_sharded(run_dir / "checkpoints", step, optimizer=learner.optimizer, **where)
+            else:
+                checkpoint.save(run_dir / "checkpoints", step, **where)
         except checkpoint.CheckpointError as err:
             log.warning("%s; the previous checkpoints are intact, training goes on", err)
-            write_status(run_dir, checkpoint_error=f"step {step}: {err}")
+            status(checkpoint_error=f"step {step}: {err}")
 
     guard = checkpoint.InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
     metrics: dict[str, float] = {}
@@ -291,10 +323,12 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                     advantages = group_advantages(
                         rewards.view(-1, g), std_normalize=cfg.algo.std_normalize
                     ).view(-1)
-                    metrics = rollout_metrics(rollouts, rewards, g)
+                    batch = distributed.gather_objects(rollouts)  # every rank's: the step's whole batch
+                    scores = torch.tensor([ro.reward.score for ro in batch], dtype=torch.float32)
+                    metrics = rollout_metrics(batch, scores, g)
                     metrics.update(learner.step(rollouts, advantages, group_size=g))
                     t2 = time.perf_counter()
-                    engine.load_weights(policy.named_parameters())
+                    engine.load_weights(fsdp.full_parameters(policy))
                     t3 = time.perf_counter()
                     if metrics.get("weights/constant") == 1.0 and cfg.algo.weights.shape != "none":
                         logger.warn_once(
@@ -302,51 +336,54 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                             "token weights are constant over a batch: this configuration is GRPO "
                             "with a scale (check algo.weights.tau; see README, 'TR-GRPO weight')",
                         )
-                    tokens = sum(len(ro.completion.token_ids) for ro in rollouts)
+                    tokens = sum(len(ro.completion.token_ids) for ro in batch)
                     metrics.update(
                         {
                             "time/generate": t1 - t0,
                             "time/update": t2 - t1,
                             "time/sync": t3 - t2,
-                            "rollout/drawn": float(drawn),
+                            "rollout/drawn": distributed.all_reduce([float(drawn)])[0],
                         }
                     )
                     last = step == t.steps
-                    if last or (t.eval_every and step % t.eval_every == 0):
+                    if main and (last or (t.eval_every and step % t.eval_every == 0)):
                         te = time.perf_counter()
                         metrics.update(evaluate_now(ctx, cfg))
                         metrics["time/eval"] = time.perf_counter() - te
                     metrics["time/step"] = time.perf_counter() - t0
                     metrics["perf/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
                     logger.log(step, metrics)
-                    logger.samples(step, [_sample_row(ro) for ro in rollouts[: t.samples_per_step]])
-                    if last:
+                    logger.samples(step, [_sample_row(ro) for ro in batch[: t.samples_per_step]])
+                    if last and main:
                         _write_eval(run_dir, cfg, step, metrics)
-                    write_status(run_dir, last_step=step)
+                    status(last_step=step)
                     completed, rollback = step, None
                     if last or (t.save_every and step % t.save_every == 0):
                         save(step)
-        write_status(run_dir, status="finished", last_step=t.steps)
+        status(status="finished", last_step=t.steps)
     except KeyboardInterrupt:
         if guard.torn:
             log.warning("stopped inside step %d's update: no checkpoint written for it", completed + 1)
+        elif learner.sharded:  # ranks may stop at different points: a collective save could hang
+            log.warning("a distributed run resumes from its last periodic checkpoint")
         elif completed > start and not checkpoint.is_saved(run_dir / "checkpoints", completed):
             if rollback is not None:  # stopped while sampling: back to the state after `completed`
                 sampler.load(rollback[0])
             save(completed, rng=None if rollback is None else rollback[1])
-        write_status(run_dir, status="interrupted", last_step=completed)
+        status(status="interrupted", last_step=completed)
         log.warning("interrupted after step %d; continue with trainer.resume=auto in %s", completed, run_dir)
         raise
     except NonFiniteStep as err:
-        write_status(run_dir, status="failed", error=str(err))
+        status(status="failed", error=str(err))
         raise
     except Exception as err:
-        write_status(run_dir, status="failed", error=f"{type(err).__name__}: {err}")
+        status(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         logger.close()
         ctx["pool"].close()
         ctx["engine"].close()
+        distributed.destroy()
     return metrics
 
 

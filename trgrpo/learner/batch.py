@@ -22,7 +22,7 @@ from trgrpo.records import Rollout
 class MicroBatch:
     """Tensors of one forward/backward pass. B rows, L = P + T columns."""
 
-    rows: tuple[int, ...]  # indices into the step's rollouts
+    rows: tuple[int, ...]  # indices into the step's rollouts (none for an `idle` micro-batch)
     input_ids: Tensor  # [B, L] long
     attention_mask: Tensor  # [B, L] long, 1 = real token
     position_ids: Tensor  # [B, L] long
@@ -90,3 +90,23 @@ def collate(rollouts: Sequence[Rollout], advantages: Tensor, rows: Sequence[int]
 def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     fields = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in mb.__dict__.items()}
     return MicroBatch(**fields)
+
+
+def idle(mb: MicroBatch) -> MicroBatch:
+    """A one-row copy of `mb` that belongs to no rollout (`rows` empty), every response column masked in.
+
+    Under FSDP every forward and backward is a collective, so all ranks must run as many micro-batches;
+    a rank with fewer runs these: the learner takes them through forward and backward with a zero loss,
+    and counts them nowhere (not in the normaliser, not in the metrics).
+    """
+    return MicroBatch(
+        rows=(),
+        input_ids=mb.input_ids[:1],
+        attention_mask=mb.attention_mask[:1],
+        position_ids=mb.position_ids[:1],
+        prompt_width=mb.prompt_width,
+        response_ids=mb.response_ids[:1],
+        response_mask=torch.ones_like(mb.response_mask[:1]),
+        advantages=mb.advantages[:1],
+        sampler_logprobs=mb.sampler_logprobs[:1],
+    )

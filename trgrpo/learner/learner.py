@@ -5,6 +5,11 @@ batch is used for more than one update), reference log-probs (only when β > 0),
 and minibatch the micro-batched backward passes, gradient clipping and the optimizer step. The loss
 normaliser is computed over the whole optimizer step, never per micro-batch, so micro-batching does
 not change the loss. What it does not do: sampling, rewards or advantages (the loop's job).
+
+Under torchrun (`shard=True`) the models are sharded with FSDP2 (fsdp.py) and each rank steps on its
+own share of the rollouts. The normaliser and the metrics are reduced over ranks and gradients are
+summed, so the update equals the one-process update on all ranks' rollouts. Every forward and backward
+is then a collective: ranks take as many optimizer steps and pad to as many micro-batches (`idle`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from trgrpo.algo.losses import Normalizer, bucket_metrics, bucket_sums, policy_l
 from trgrpo.algo.tis import tis_weights
 from trgrpo.algo.token_weights import token_weights, weight_stats
 from trgrpo.config import AlgoConfig, TrainerConfig
-from trgrpo.learner.batch import MicroBatch, make_microbatches, to_device
-from trgrpo.learner.logprobs import float32_attention, response_logprobs
+from trgrpo.learner import distributed, fsdp
+from trgrpo.learner.batch import MicroBatch, idle, make_microbatches, to_device
+from trgrpo.learner.logprobs import Scorer, float32_attention
 from trgrpo.records import Rollout
 
 
@@ -41,7 +47,9 @@ class Learner:
         temperature: float,
         max_new_tokens: int,
         pad_id: int,
+        shard: bool = False,
     ):
+        """shard: FSDP2-shard the policy and reference model over the process group (torchrun)."""
         self.model, self.ref_model = model, ref_model
         self.trainer, self.algo = trainer, algo
         self.temperature = temperature
@@ -52,6 +60,13 @@ class Learner:
             for m in (model, ref_model):  # the same attention numerics for policy and reference
                 if m is not None:
                     float32_attention(m)
+        self.scorer = Scorer(model)
+        self.ref_scorer = None if ref_model is None else Scorer(ref_model)
+        self.sharded = shard
+        if shard:  # before the optimizer: sharding replaces the parameters
+            for scorer in (self.scorer, self.ref_scorer):
+                if scorer is not None:
+                    fsdp.shard(scorer, precision=trainer.precision)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=trainer.lr,
@@ -72,12 +87,10 @@ class Learner:
         )
 
     @torch.no_grad()
-    def _score(self, model, mbs: Sequence[MicroBatch]) -> list[Tensor]:
+    def _score(self, scorer: Scorer, mbs: Sequence[MicroBatch]) -> list[Tensor]:
         t = self.trainer
         return [
-            response_logprobs(
-                model, mb, temperature=self.temperature, chunk=t.logprob_chunk, precision=t.precision
-            )[0]
+            scorer(mb, temperature=self.temperature, chunk=t.logprob_chunk, precision=t.precision)[0]
             for mb in mbs
         ]
 
@@ -85,11 +98,12 @@ class Learner:
         """One batch: ppo_epochs × minibatches optimizer steps. Returns the step's metrics.
 
         Minibatches hold whole groups (rows are group-major); with fewer groups than minibatches (e.g.
-        after dynamic sampling) there are as many minibatches as groups.
+        after dynamic sampling) there are as many minibatches as groups (on the rank with the fewest).
         """
         t = self.trainer
         groups = len(rollouts) // group_size
-        count = max(1, min(t.minibatches, groups))
+        fewest = int(distributed.all_reduce([groups], op="min")[0])  # every rank steps as often
+        count = max(1, min(t.minibatches, fewest))
         bounds = [group_size * (k * groups // count) for k in range(count)] + [len(rollouts)]
         minibatches = []
         for k in range(count):
@@ -102,11 +116,13 @@ class Learner:
                 )
             ]
             minibatches.append(mbs)
+        most = distributed.all_reduce([len(mbs) for mbs in minibatches], op="max")
+        minibatches = [mbs + [idle(mbs[0])] * (int(n) - len(mbs)) for mbs, n in zip(minibatches, most)]
         reuse = t.ppo_epochs > 1 or t.minibatches > 1
-        old = [self._score(self.model, mbs) for mbs in minibatches] if reuse else None
+        old = [self._score(self.scorer, mbs) for mbs in minibatches] if reuse else None
         ref = None
-        if self.algo.kl_coef > 0 and self.ref_model is not None:
-            ref = [self._score(self.ref_model, mbs) for mbs in minibatches]
+        if self.algo.kl_coef > 0 and self.ref_scorer is not None:
+            ref = [self._score(self.ref_scorer, mbs) for mbs in minibatches]
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         for epoch in range(t.ppo_epochs):
@@ -132,7 +148,12 @@ class Learner:
         if not first:
             metrics.pop("rollout/logprob_diff_mean")
             metrics.pop("rollout/logprob_diff_max")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm))
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.trainer.max_grad_norm)
+        else:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.max_grad_norm)
+            )
         self._apply(grad_norm, metrics.get("loss/policy", 0.0) + metrics.get("loss/kl", 0.0))
         metrics["train/grad_norm"] = grad_norm
         return metrics
@@ -142,28 +163,30 @@ class Learner:
     ) -> dict[str, float]:
         """Accumulate the gradient of one optimizer step's loss, micro-batch by micro-batch.
 
-        The normaliser covers all of `mbs`, so the accumulated gradient does not depend on how the
-        rows were split into micro-batches. Returns the loss parts and diagnostics.
+        The normaliser covers all of `mbs` on all ranks, so the accumulated gradient does not depend
+        on how the rows were split into micro-batches or ranks. Returns the loss parts and diagnostics,
+        reduced over ranks.
         """
         a, t = self.algo, self.trainer
-        mask_all = [mb.response_mask for mb in mbs]
-        norm = Normalizer(
-            tokens=float(sum(int(m.sum()) for m in mask_all)),
-            sequences=float(sum(m.shape[0] for m in mask_all)),
-            max_len=float(self.max_len),
+        real = [mb for mb in mbs if mb.rows]  # not the `idle` micro-batches that only join collectives
+        tokens, sequences = distributed.all_reduce(
+            [float(sum(int(mb.response_mask.sum()) for mb in real)), float(sum(len(mb.rows) for mb in real))]
         )
+        norm = Normalizer(tokens=tokens, sequences=sequences, max_len=float(self.max_len))
         metrics: dict[str, float] = defaultdict(float)
         weights_seen, entropy_sum, diff_sum, diff_max = [], 0.0, 0.0, 0.0
         buckets = None
         for i, mb in enumerate(mbs):
-            logprobs, entropy = response_logprobs(
-                self.model,
+            logprobs, entropy = self.scorer(
                 mb,
                 temperature=self.temperature,
                 chunk=t.logprob_chunk,
                 with_entropy=True,
                 precision=t.precision,
             )
+            if not mb.rows:  # idle: FSDP's collectives run in backward too; its gradient is exactly 0
+                (0.0 * logprobs.sum()).backward()
+                continue
             old_lp = None if old is None else old[i]
             basis = (old_lp if old_lp is not None else logprobs).detach()
             weights = self._weights(basis) if a.weights.shape != "none" else None
@@ -199,8 +222,15 @@ class Learner:
                     diff_max = max(diff_max, float(diff.max()))
                 b = bucket_sums(basis, mb.advantages, w, m)
                 buckets = b if buckets is None else buckets + b
+        keys = sorted(metrics)  # each rank's share of the step's value: the sum over ranks is the value
+        summed = distributed.all_reduce([metrics[k] for k in keys] + [entropy_sum, diff_sum])
+        metrics = defaultdict(float, zip(keys, summed[: len(keys)]))
+        entropy_sum, diff_sum = summed[-2:]
+        diff_max = distributed.all_reduce([diff_max], op="max")[0]
+        if buckets is not None:
+            buckets = distributed.all_reduce_tensor(buckets)
         tokens = max(norm.tokens, 1.0)
-        all_w = torch.cat(weights_seen) if weights_seen else torch.ones(0)
+        all_w = distributed.gather_cat(torch.cat(weights_seen) if weights_seen else torch.ones(0))
         metrics.update(
             weight_stats(
                 all_w, torch.ones_like(all_w, dtype=torch.bool), lower=a.weights.lower, upper=a.weights.upper

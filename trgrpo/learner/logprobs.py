@@ -145,3 +145,19 @@ def response_logprobs(
     if entropy is not None:
         entropy = torch.zeros_like(out).masked_scatter(mb.response_mask, entropy)
     return out, entropy
+
+
+class Scorer(torch.nn.Module):
+    """A causal LM as a module whose forward is `response_logprobs` (same arguments, after `mb`).
+
+    The learner calls its models through one. It matters under FSDP2 (learner/fsdp.py), where the
+    scorer is the root unit: the body and the head, called separately above, then run inside one
+    forward, so the root's parameters (embeddings, head) are gathered for both.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mb: MicroBatch, **kwargs) -> tuple[Tensor, Tensor | None]:
+        return response_logprobs(self.model, mb, **kwargs)

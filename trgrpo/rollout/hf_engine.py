@@ -1,6 +1,8 @@
 """The `hf` engine: batched sampling with `transformers` generate on the learner's own model.
 
-It shares the policy module with the learner, so `load_weights` has nothing to copy. Sampler log-probs
+It shares the policy module with the learner in one process, so `load_weights` has nothing to copy;
+under torchrun the learner's policy is sharded and the engine samples from an unsharded copy, into
+which `load_weights` copies the gathered parameters after every optimizer step. Sampler log-probs
 are log-softmax(raw logits / temperature) over the full vocabulary at the sampled ids, the same
 quantity the learner computes (ALGORITHMS.md, "Log-probs"); top-p only changes which ids are drawn.
 Sampling uses a forked RNG seeded per call, so generation never moves the learner's RNG and a run is
@@ -25,8 +27,14 @@ class HFEngine:
         self.batch_size = batch_size  # prompts per generate call; 0 = all at once
         self.eos_ids = _eos_ids(model, tokenizer)
 
+    @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Nothing to do: this engine samples from the learner's module itself."""
+        """Copy the learner's parameters in; those that are this module's own (one process: the engine
+        samples from the learner's module itself) are skipped. Consumes the whole iterable."""
+        own = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if own[name] is not tensor:
+                own[name].copy_(tensor)
 
     def sleep(self) -> None:
         """Nothing to free: the engine holds no memory of its own besides the learner's module."""
