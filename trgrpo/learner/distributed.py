@@ -21,6 +21,9 @@ T = TypeVar("T")
 # Rank 0 evaluates and writes checkpoints alone while the others wait at their next collective; a
 # long evaluation must not trip the backend's watchdog (NCCL's default is 10 minutes).
 TIMEOUT = datetime.timedelta(minutes=60)
+# Whether `init` joined the default group, and whether it created it. A group vLLM creates for its
+# own engine in a one-process run is neither: the run is not distributed and the group is vLLM's.
+_joined = _created = False
 
 
 def launched_world_size() -> int:
@@ -40,20 +43,27 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    global _joined, _created
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+        _created = True
+    _joined = True
     return device
 
 
 def destroy() -> None:
-    if dist.is_initialized():
+    """Leave the process group `init` joined; a group someone else created (vLLM's) is theirs."""
+    global _joined, _created
+    if _created and dist.is_initialized():
         dist.destroy_process_group()
+    _joined = _created = False
 
 
 def active() -> bool:
-    """Whether this process is in a process group (the run is distributed, possibly with one rank)."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process joined a process group with `init` (the run is distributed, possibly with
+    one rank). A group vLLM creates for its own engine does not count."""
+    return _joined and dist.is_initialized()
 
 
 def rank() -> int:
