@@ -28,6 +28,9 @@ class TaskConfig:
     format_reward: float = 0.0  # bonus for a well-formed answer, logged as reward/format (0 = off)
     overlong_penalty: float = 0.0  # subtracted when a response hits the token cap unfinished (0 = off)
     max_new_tokens: int = 32  # the task's response cap (per turn for tools) when rollout.max_new_tokens=0
+    tiny_warmstart_steps: int = (
+        450  # supervised steps the tiny model needs here (model.tiny.warmstart_steps=0)
+    )
 
 
 @dataclass
@@ -125,7 +128,7 @@ class TinyConfig:
     intermediate_size: int = 512
     vocab_size: int = 512  # byte-level BPE trained on generated task text
     max_position: int = 512
-    warmstart_steps: int = 450  # supervised steps on task demonstrations
+    warmstart_steps: int = 0  # supervised steps on task demonstrations; 0 = task.tiny_warmstart_steps
     warmstart_batch: int = 32
     warmstart_lr: float = 3e-3
 
@@ -340,6 +343,14 @@ def problems(cfg: Config) -> list[str]:
             a.dynamic_sampling_max_rounds >= 0,
             f"algo.dynamic_sampling_max_rounds={a.dynamic_sampling_max_rounds} must be ≥ 0",
         ),
+        (
+            task.tiny_warmstart_steps >= 1,
+            f"task.tiny_warmstart_steps={task.tiny_warmstart_steps} must be ≥ 1",
+        ),
+        (
+            m.tiny.warmstart_steps >= 0,
+            f"model.tiny.warmstart_steps={m.tiny.warmstart_steps} must be ≥ 0 (0 = task.tiny_warmstart_steps)",
+        ),
         (a.tis_cap >= 1.0, f"algo.tis_cap={a.tis_cap} must be ≥ 1 (a cap below 1 shrinks every token)"),
         (w.lower <= w.upper, f"algo.weights.lower={w.lower} must be ≤ algo.weights.upper={w.upper}"),
         (w.tau > 0, f"algo.weights.tau={w.tau} must be > 0"),
@@ -466,6 +477,8 @@ def resolve(cfg: Config) -> Config:
     """Fill the fields whose default depends on another group (in place; idempotent)."""
     if cfg.rollout.max_new_tokens == 0:
         cfg.rollout.max_new_tokens = cfg.task.max_new_tokens
+    if cfg.model.tiny.warmstart_steps == 0:
+        cfg.model.tiny.warmstart_steps = cfg.task.tiny_warmstart_steps
     return cfg
 
 

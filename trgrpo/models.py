@@ -43,10 +43,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRGRPO_CACHE", Path.home() / ".cache" / "trgrpo"))
 
 
+def warmstart_size(tiny: TinyConfig, task: TaskConfig) -> int:
+    """Training examples the warm start reads: the first ones of the task's training stream."""
+    return min(task.train_size, tiny.warmstart_steps * tiny.warmstart_batch)
+
+
 def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
-    ignored = ("train_size", "eval_size", "reward", "format_reward", "overlong_penalty", "max_new_tokens")
+    """The cache key: everything the build depends on, and nothing else (not the RL-only task fields)."""
+    ignored = (
+        "train_size",  # only through warmstart_size, which is in the key
+        "eval_size",
+        "reward",
+        "format_reward",
+        "overlong_penalty",
+        "max_new_tokens",
+        "tiny_warmstart_steps",  # resolved into tiny.warmstart_steps
+    )
     data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ignored}
-    blob = json.dumps([TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed], sort_keys=True, default=str)
+    parts = [TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed, warmstart_size(tiny, task)]
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -96,6 +111,8 @@ def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: 
     """Build (or find) the tiny model for a task; returns its folder."""
     from trgrpo.tasks import make_task
 
+    if tiny.warmstart_steps == 0:  # an unresolved config: the task's own number (config.resolve)
+        tiny = dataclasses.replace(tiny, warmstart_steps=task_cfg.tiny_warmstart_steps)
     target = cache_root() / "tiny" / tiny_key(tiny, task_cfg, seed)
     if (target / "config.json").exists() and not force:
         return target
@@ -103,7 +120,7 @@ def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: 
     started = time.perf_counter()
     examples = task.dataset(
         "train",
-        min(task_cfg.train_size, tiny.warmstart_steps * tiny.warmstart_batch),
+        warmstart_size(tiny, task_cfg),
         seed=task_cfg.data_seed,
     )
     tokenizer = _train_tokenizer(task, examples, tiny.vocab_size)

@@ -1,0 +1,38 @@
+"""The tiny model's cache key: what the build depends on changes it, RL-only settings do not; the
+warm-start length comes from the task unless model.tiny.warmstart_steps is set."""
+
+from __future__ import annotations
+
+from conftest import make_cfg
+
+from trgrpo.models import tiny_key, warmstart_size
+
+
+def key(*overrides: str) -> str:
+    cfg = make_cfg(*overrides)
+    return tiny_key(cfg.model.tiny, cfg.task, cfg.seed)
+
+
+def test_each_task_has_its_own_warm_start_length():
+    assert make_cfg("task=math").model.tiny.warmstart_steps == 450
+    assert make_cfg("task=tool_qa").model.tiny.warmstart_steps == 1000
+    assert make_cfg("task=tool_qa", "model.tiny.warmstart_steps=300").model.tiny.warmstart_steps == 300
+
+
+def test_rl_only_settings_keep_the_key():
+    base = key("task=math")
+    for override in ("task.eval_size=7", "task.reward=binary", "task.format_reward=0.5", "algo=grpo"):
+        assert key("task=math", override) == base, override
+    assert key("task=math", "task.max_new_tokens=64") == base
+
+
+def test_what_the_build_reads_changes_the_key():
+    base = key("task=math")
+    assert key("task=math", "model.tiny.warmstart_steps=200") != base
+    assert key("task=math", "task.data_seed=3") != base
+    assert key("task=tool_qa") != key("task=tool_qa", "task.max_hops=3")
+    # The warm start reads min(train_size, steps × batch) examples: train_size counts below that only.
+    cfg = make_cfg("task=math")
+    assert warmstart_size(cfg.model.tiny, cfg.task) == 512
+    assert key("task=math", "task.train_size=600") != base
+    assert key("task=math", "task.train_size=20000") == key("task=math", "task.train_size=30000")
