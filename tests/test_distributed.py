@@ -196,6 +196,8 @@ def test_config_checks_name_the_fields_under_torchrun(monkeypatch):
     assert "trainer.distributed=false under torchrun with WORLD_SIZE=3" in found
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert problems(make_cfg(*FAST)) == []
+    found = " ".join(problems(make_cfg(*FAST, "rollout=vllm")))
+    assert "rollout.engine=vllm with 2 torchrun processes is not supported yet" in found
     found = " ".join(problems(make_cfg(*FAST, "trainer.minibatches=4")))
     assert "gives 2 prompts to each of 2 ranks, not divisible by trainer.minibatches=4" in found
     monkeypatch.delenv("WORLD_SIZE")

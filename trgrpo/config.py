@@ -322,6 +322,12 @@ def problems(cfg: Config) -> list[str]:
             f"each of {ranks} ranks, not divisible by trainer.minibatches={t.minibatches}: each rank's "
             "minibatches must hold whole groups",
         ),
+        (
+            ranks == 1 or r.engine == "hf",
+            f"rollout.engine={r.engine} with {ranks} torchrun processes is not supported yet (each rank "
+            "would need its own vLLM engine outside the learner's process group): use rollout=hf under "
+            "torchrun, or one process with rollout=vllm",
+        ),
         (t.lr > 0, f"trainer.lr={t.lr} must be > 0"),
         (t.max_grad_norm > 0, f"trainer.max_grad_norm={t.max_grad_norm} must be > 0"),
         (t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps} must be ≥ 0 (optimizer steps)"),
