@@ -197,3 +197,21 @@ def test_vllm_trains_the_other_tasks(task, tmp_path):
         samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
         assert any("<information>" in s["response"] for s in samples)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+def test_eval_with_vllm_matches_the_hf_engine(setup, tmp_path):
+    """`trgrpo eval rollout=vllm`: greedy answers equal the hf engine's, so the greedy accuracy does."""
+    from trgrpo.evaluate import run_eval
+    from trgrpo.models import build_tiny
+
+    cfg = make_cfg(*FAST)
+    folder = build_tiny(cfg.model.tiny, cfg.task, seed=0)
+    common = (*FAST, f"eval.checkpoint={folder}", "eval.size=8", "eval.n=2", "eval.ks=[1,2]")
+    hf = run_eval(make_cfg(*common), tmp_path / "hf")
+    vllm_summary = run_eval(make_cfg(*common, "rollout=vllm"), tmp_path / "vllm")
+    assert vllm_summary["accuracy"] == hf["accuracy"]
+    greedy = [
+        [json.loads(line)["response"] for line in (tmp_path / name / "eval_samples.jsonl").open()][:8]
+        for name in ("hf", "vllm")
+    ]
+    assert greedy[0] == greedy[1]

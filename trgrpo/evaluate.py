@@ -7,6 +7,7 @@ when its score is ≥ 1), so shaped rewards do not blur accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -121,9 +122,12 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed)
     examples = task.dataset("test", e.size, cfg.task.data_seed)
     rows: list[dict[str, Any]] = []
-    with VerifyPool(
-        cfg.task, workers=cfg.trainer.verify_workers, timeout=cfg.trainer.verify_timeout, task=task
-    ) as pool:
+    with (
+        VerifyPool(
+            cfg.task, workers=cfg.trainer.verify_workers, timeout=cfg.trainer.verify_timeout, task=task
+        ) as pool,
+        contextlib.closing(engine),
+    ):
         summary = evaluate_examples(
             engine,
             task,
