@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import make_cfg
 
-from trgrpo.models import tiny_key, warmstart_size
+from trgrpo.models import tiny_key, tiny_seed, warmstart_size
 
 
 def key(*overrides: str) -> str:
@@ -36,3 +36,15 @@ def test_what_the_build_reads_changes_the_key():
     assert warmstart_size(cfg.model.tiny, cfg.task) == 512
     assert key("task=math", "task.train_size=600") != base
     assert key("task=math", "task.train_size=20000") == key("task=math", "task.train_size=30000")
+
+
+def test_model_tiny_seed_shares_one_base_model_across_run_seeds():
+    """By default each run seed has its own tiny model; model.tiny.seed=S gives every seed model S."""
+
+    def effective_key(*overrides: str) -> str:
+        cfg = make_cfg(*overrides)
+        return tiny_key(cfg.model.tiny, cfg.task, tiny_seed(cfg.model.tiny, cfg.seed))
+
+    assert effective_key("seed=1") != effective_key("seed=0")
+    assert effective_key("seed=1", "model.tiny.seed=0") == effective_key("seed=0")
+    assert effective_key("seed=2", "model.tiny.seed=0") == effective_key("seed=0", "model.tiny.seed=0")

@@ -131,6 +131,7 @@ class TinyConfig:
     warmstart_steps: int = 0  # supervised steps on task demonstrations; 0 = task.tiny_warmstart_steps
     warmstart_batch: int = 32
     warmstart_lr: float = 3e-3
+    seed: int | None = None  # init and warm-start seed; None = the run's seed (one base model per seed)
 
 
 @dataclass

@@ -43,6 +43,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRGRPO_CACHE", Path.home() / ".cache" / "trgrpo"))
 
 
+def tiny_seed(tiny: TinyConfig, run_seed: int) -> int:
+    """The seed the tiny model is built with: model.tiny.seed, or the run's own when that is unset."""
+    return run_seed if tiny.seed is None else tiny.seed
+
+
 def warmstart_size(tiny: TinyConfig, task: TaskConfig) -> int:
     """Training examples the warm start reads: the first ones of the task's training stream."""
     return min(task.train_size, tiny.warmstart_steps * tiny.warmstart_batch)
@@ -60,7 +65,10 @@ def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
         "tiny_warmstart_steps",  # resolved into tiny.warmstart_steps
     )
     data_fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in ignored}
-    parts = [TINY_FORMAT, dataclasses.asdict(tiny), data_fields, seed, warmstart_size(tiny, task)]
+    model_fields = {
+        k: v for k, v in dataclasses.asdict(tiny).items() if k != "seed"
+    }  # `seed` is the one used
+    parts = [TINY_FORMAT, model_fields, data_fields, seed, warmstart_size(tiny, task)]
     blob = json.dumps(parts, sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -72,7 +80,7 @@ def load_policy(model: ModelConfig, task: TaskConfig, *, seed: int = 0, device: 
     if model.path is None:
         if model.name != "tiny":
             raise ConfigError(f"model={model.name} needs model.path (a hub id or a local folder)")
-        path = build_tiny(model.tiny, task, seed=seed)
+        path = build_tiny(model.tiny, task, seed=tiny_seed(model.tiny, seed))
     else:
         path = model.path
         looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
