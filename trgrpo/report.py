@@ -264,11 +264,12 @@ def render_markdown(
 ) -> str:
     """report.md; run paths are shown relative to the common folder of `roots`."""
     root = Path(os.path.commonpath([r.resolve() for r in roots]))
+    shown = root.relative_to(Path.cwd()) if root.is_relative_to(Path.cwd()) else root  # no home paths
     included = sum(r.included for r in runs)
     lines = [
         "# trgrpo report",
         "",
-        f"{len(runs)} runs found under `{root}`; {included} in the tables, {len(runs) - included} "
+        f"{len(runs)} runs found under `{shown}`; {included} in the tables, {len(runs) - included} "
         "not included (listed at the end).",
         "",
         *_results_section(rows, keys, runs),
