@@ -248,3 +248,23 @@ def test_no_runs_and_missing_dir_fail_cleanly(tmp_path: Path, capsys: pytest.Cap
     assert "no run directory" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_bucket_weight_mean_is_token_weighted_and_skips_empty_steps() -> None:
+    """A step whose bucket held no token logs weight_mean 0.0: it must not pull the mean down. Steps
+    count by their tokens in the bucket: (1.0·0.5·100 + 1.4·0.1·300) / (0.5·100 + 0.1·300) = 1.15."""
+    from trgrpo.report_plots import bucket_weight_mean
+    from trgrpo.report_runs import Group, Run
+
+    rows = [
+        {"step": 1, "train/tokens": 100.0, "buckets/b/token_share": 0.5, "buckets/b/weight_mean": 1.0},
+        {"step": 2, "train/tokens": 300.0, "buckets/b/token_share": 0.1, "buckets/b/weight_mean": 1.4},
+        {"step": 3, "train/tokens": 200.0, "buckets/b/token_share": 0.0, "buckets/b/weight_mean": 0.0},
+    ]
+
+    def group_of(metrics: list[dict[str, Any]]) -> Group:
+        run = Run(Path("r"), "t", "a", 0, {}, metrics, None, ())
+        return Group("t", "a", (), (run,))
+
+    assert bucket_weight_mean(group_of(rows), "b") == pytest.approx(1.15)
+    assert math.isnan(bucket_weight_mean(group_of(rows[2:]), "b"))

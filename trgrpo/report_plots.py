@@ -180,6 +180,27 @@ def _run_average(group: Group, key: str) -> float:
     return float(np.mean(means)) if means else math.nan
 
 
+def bucket_weight_mean(group: Group, bucket: str) -> float:
+    """Mean token weight in a probability bucket over all runs and steps, each step counted by its
+    tokens in the bucket (token_share × train/tokens): a step with an empty bucket logs 0.0, which
+    must not count. nan when no run has a token there."""
+    total = weighted = 0.0
+    for run in group.runs:
+        rows = [
+            (
+                r.get(f"buckets/{bucket}/token_share"),
+                r.get(f"buckets/{bucket}/weight_mean"),
+                r.get("train/tokens"),
+            )
+            for r in run.metrics
+        ]
+        for share, mean, tokens in rows:
+            if isinstance(share, float) and isinstance(mean, float) and share > 0:
+                count = share * (tokens if isinstance(tokens, float) else 1.0)
+                total, weighted = total + count, weighted + count * mean
+    return weighted / total if total > 0 else math.nan
+
+
 def plot_buckets(groups: Sequence[Group], task: str, smooth: int) -> Figure | None:
     """Per probability bucket: token share, gradient share and mean weight, averaged over the run."""
     buckets = _bucket_names(groups)
@@ -190,7 +211,10 @@ def plot_buckets(groups: Sequence[Group], task: str, smooth: int) -> Figure | No
     width = 0.8 / max(1, len(groups))
     for ax, (field, title) in zip(axes[0], BUCKET_FIELDS):
         for i, group in enumerate(groups):
-            heights = [_run_average(group, f"buckets/{b}/{field}") for b in buckets]
+            if field == "weight_mean":
+                heights = [bucket_weight_mean(group, b) for b in buckets]
+            else:
+                heights = [_run_average(group, f"buckets/{b}/{field}") for b in buckets]
             ax.bar(x + (i - (len(groups) - 1) / 2) * width, heights, width, label=group.name)
         ax.set_xticks(x, buckets)
         ax.set_xlabel("token probability bucket")
