@@ -16,6 +16,7 @@ def key(*overrides: str) -> str:
 def test_each_task_has_its_own_warm_start_length():
     assert make_cfg("task=math").model.tiny.warmstart_steps == 450
     assert make_cfg("task=tool_qa").model.tiny.warmstart_steps == 1000
+    assert make_cfg("task=logic").model.tiny.warmstart_steps == 1200
     assert make_cfg("task=tool_qa", "model.tiny.warmstart_steps=300").model.tiny.warmstart_steps == 300
 
 
