@@ -187,7 +187,7 @@ def test_torchrun_trains_logging_from_rank_zero_and_one_process_resumes(tiny, tm
 
 
 def test_config_checks_name_the_fields_under_torchrun(monkeypatch):
-    from trgrpo.config import problems
+    from trgrpo.validation import problems
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     found = " ".join(problems(make_cfg(*FAST)))  # 4 prompts over 3 ranks

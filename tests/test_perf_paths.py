@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import FAST, make_cfg
 
-from trgrpo.config import problems
 from trgrpo.learner.batch import collate
 from trgrpo.learner.logprobs import FLOAT32_SDPA, float32_attention, response_logprobs, token_logprobs
 from trgrpo.models import encode_prompt
 from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.train import enable_gradient_checkpointing
+from trgrpo.validation import problems
 
 
 def _batch(model, tokenizer, seed=0):

@@ -17,7 +17,8 @@ from rich.markup import escape
 
 from trgrpo.algo.losses import LOG_RATIO_CLAMP
 from trgrpo.algo.token_weights import SHAPES, weight_curve
-from trgrpo.config import Config, problems, validate
+from trgrpo.config import Config
+from trgrpo.validation import problems, validate
 
 PROBES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 0.99)  # probabilities at which the weight curve is shown
 PROMPT_GUESSES = (64, 256, 1024)  # prompt lengths in tokens for the micro-batch arithmetic

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
-from trgrpo.config import Config, resolve, validate
+from trgrpo.config import Config, resolve
 from trgrpo.evaluate import evaluate_examples
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
@@ -37,6 +37,7 @@ from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.tasks import make_task
 from trgrpo.tasks.verify_pool import VerifyPool
+from trgrpo.validation import validate
 
 log = logging.getLogger("trgrpo")
 

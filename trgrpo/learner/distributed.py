@@ -32,7 +32,7 @@ def launched_world_size() -> int:
 
 
 def wanted(setting: str) -> bool:
-    """Whether `trainer.distributed` (auto | true | false; checked in config.problems) asks for a
+    """Whether `trainer.distributed` (auto | true | false; checked in validation.problems) asks for a
     process group in this launch. true also shards a one-process torchrun launch."""
     setting = str(setting).lower()
     return setting == "true" or (setting == "auto" and launched_world_size() > 1)
