@@ -74,9 +74,10 @@ def ours(case: dict) -> dict:
     from trgrpo.records import Rollout, Sampling
     from trgrpo.rollout import make_engine
     from trgrpo.rollout.collect import encode_prompts
+    from trgrpo.sampler import PromptSampler
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
-    from trgrpo.train import PromptSampler, enable_gradient_checkpointing, seed_everything
+    from trgrpo.train import enable_gradient_checkpointing, seed_everything
 
     cfg = compose(case["overrides"])
     t, r = cfg.trainer, cfg.rollout

@@ -28,7 +28,8 @@ from trgrpo.learner.learner import Learner
 from trgrpo.models import encode_prompt, load_policy
 from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
-from trgrpo.train import PromptSampler, run
+from trgrpo.sampler import PromptSampler
+from trgrpo.train import run
 
 pytestmark = pytest.mark.distributed
 WORLD = 2

@@ -30,6 +30,7 @@ from test_resume import (
 )
 
 from trgrpo import checkpoint, train
+from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import learner as learner_module
 from trgrpo.models import load_policy
 from trgrpo.records import Example
@@ -268,7 +269,7 @@ def test_ctrl_c_anywhere_in_a_step_saves_a_consistent_checkpoint(
 @pytest.mark.parametrize("presses", [0, 1, 2])
 def test_interrupt_guard_holds_ctrl_c_until_the_step_ends(presses, default_sigint):
     """Outside hold(): at once. Inside: after the block; a second press: at once, marked torn."""
-    guard = checkpoint.InterruptGuard()
+    guard = InterruptGuard()
     with guard:
         if presses == 0:
             with pytest.raises(KeyboardInterrupt):

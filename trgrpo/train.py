@@ -28,6 +28,7 @@ from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
 from trgrpo.config import Config, resolve
 from trgrpo.evaluate import evaluate_examples
+from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
 from trgrpo.metrics import MetricsLogger, truncate_logs, write_status
@@ -35,41 +36,12 @@ from trgrpo.models import context_limit, load_policy
 from trgrpo.records import Rollout, Sampling
 from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
+from trgrpo.sampler import PromptSampler
 from trgrpo.tasks import make_task
 from trgrpo.tasks.verify_pool import VerifyPool
 from trgrpo.validation import validate
 
 log = logging.getLogger("trgrpo")
-
-
-class PromptSampler:
-    """Walks the training set in a reshuffled order each pass; its position is checkpointed."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.position = size, seed, 0, 0
-        self.order = self._shuffled()
-
-    def _shuffled(self) -> list[int]:
-        order = list(range(self.size))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def next(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.position == self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-                self.order = self._shuffled()
-            out.append(self.order[self.position])
-            self.position += 1
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.order = self._shuffled()
 
 
 def git_sha() -> str:
@@ -306,7 +278,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             log.warning("%s; the previous checkpoints are intact, training goes on", err)
             status(checkpoint_error=f"step {step}: {err}")
 
-    guard = checkpoint.InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
+    guard = InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
     metrics: dict[str, float] = {}
     completed = start  # the last step whose update, metrics and status are all written
     rollback = None  # sampler and RNG state before this step's sampling, while sampling runs
