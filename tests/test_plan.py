@@ -234,6 +234,24 @@ def test_paper_overlays_hold_the_ar_lopti_recipe(task):
     assert grpo.algo.weights.shape == "none" and grpo.algo.clip_high == 0.24 and grpo.trainer.lr == 1e-6
 
 
+def test_sweep_cpu_is_the_documented_grid():
+    """conf/experiment/sweep_cpu (`make sweep`): 3 tasks × grpo/tr_grpo × 3 seeds, 50 steps, eval at
+    0, 25 and 50, one tiny base model per task shared by the seeds (README "Results" reads it so)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("trgrpo.conf", version_base=None):
+        raw = compose("config", overrides=["experiment=sweep_cpu"], return_hydra_config=True)
+    assert dict(raw.hydra.sweeper.params) == {
+        "task": "math,logic,tool_qa",
+        "algo": "grpo,tr_grpo",
+        "seed": "0,1,2",
+    }
+    for seed in (0, 2):
+        cfg = make_cfg("experiment=sweep_cpu", f"seed={seed}")
+        assert (cfg.trainer.steps, cfg.trainer.eval_every, cfg.trainer.eval_at_start) == (50, 25, True)
+        assert cfg.model.name == "tiny" and cfg.model.tiny.seed == 0
+
+
 # ------------------------------------------------------------------------------------------ problems
 
 

@@ -103,6 +103,8 @@ def _write_sweep(root: Path) -> list[Path]:
         for seed, final in zip(SEEDS, finals):
             eval_json = (task, algo, seed) != ("math", "tr_grpo", 2)
             records = [_record(task, algo, seed, s, final, eval_json) for s in range(1, STEPS + 1)]
+            # step 0 (trainer.eval_at_start): above every later eval, so `best` must skip it
+            records.insert(0, {"step": 0, f"eval/{task}/accuracy": final + 0.2, "time/eval": 1.0})
             path = root / "multirun" / "2025-01-01" / "12-00-00" / f"{number}_{task}_{algo}_s{seed}"
             _write_run(
                 path,
@@ -161,7 +163,8 @@ def test_group_table_numbers(report: tuple[Path, list[Path]]) -> None:
         row = rows[f"{task}/{algo}"]
         assert (row["task"], row["algo"], row["runs"], row["seeds"]) == (task, algo, "3", "0 1 2")
         _check(row, "final_accuracy", _ci(list(finals)))
-        _check(row, "best_accuracy", _ci([f + 0.05 for f in finals]))
+        _check(row, "best_accuracy", _ci([f + 0.05 for f in finals]))  # step 0 excluded
+        _check(row, "start_accuracy", _ci([f + 0.2 for f in finals]))
         # last 10% of 20 steps = steps 19 and 20: base + 0.01·seed + 0.195
         _check(row, "final_reward", _ci([REWARD_BASE[(task, algo)] + 0.01 * s + 0.195 for s in SEEDS]))
         high = GRAD_HIGH[algo]
@@ -190,7 +193,7 @@ def test_markdown_tables_and_excluded_runs(report: tuple[Path, list[Path]]) -> N
     out, bad = report
     text = (out / "report.md").read_text()
     half = T2 * 0.1 / math.sqrt(3)
-    assert f"| logic/grpo | 3 (0 1 2) | 0.600 ± {half:.3f} |" in text
+    assert f"| logic/grpo | 3 (0 1 2) | 0.800 ± {half:.3f} | 0.600 ± {half:.3f} |" in text  # start, final
     assert f"15 runs found under `{out.parent.resolve()}`; 12 in the tables, 3 not included" in text
     assert "`eval.json` (runs: 11), else the last `eval/<task>/accuracy` in metrics.jsonl (runs: 1;" in text
     assert (

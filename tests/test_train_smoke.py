@@ -187,3 +187,21 @@ def test_wandb_offline_mirrors_metrics(tmp_path, monkeypatch):
     assert offline, "wandb wrote no offline run"
     assert list(offline[0].glob("*.wandb")), "the offline run holds no data file"
     assert (tmp_path / "metrics.jsonl").exists()  # JSONL is always written
+
+
+def test_eval_at_start_logs_step_zero_without_changing_training(tmp_path):
+    """trainer.eval_at_start: the initial policy's eval is logged as step 0; it draws from no RNG the
+    training uses, so the training steps are the same with and without it."""
+    overrides = (*FAST, "trainer.steps=2", "trainer.eval_every=1", "trainer.lr=1e-3")
+    rows = {}
+    for flag in ("true", "false"):
+        run(make_cfg(*overrides, f"trainer.eval_at_start={flag}"), tmp_path / flag)
+        rows[flag] = _read(tmp_path / flag / "metrics.jsonl")
+    first = rows["true"][0]
+    assert first["step"] == 0 and "eval/math/accuracy" in first and "reward/mean" not in first
+    assert [r["step"] for r in rows["false"]] == [1, 2]
+
+    def strip(r):
+        return {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
+
+    assert [strip(r) for r in rows["true"][1:]] == [strip(r) for r in rows["false"]]

@@ -177,6 +177,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the learner's forward/backward; fp32 master weights)
     gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     eval_every: int = 0  # steps between evaluations on the held-out set (0 = only at the end)
+    eval_at_start: bool = True  # with eval_every > 0: also evaluate the initial policy (logged as step 0)
     eval_samples: int = 4  # samples per eval prompt (pass@k uses them), besides one greedy
     save_every: int = 0  # steps between checkpoints (0 = only the final one)
     keep_last: int = 2  # checkpoints kept

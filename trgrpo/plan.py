@@ -301,6 +301,8 @@ def _schedule_rows(cfg: Config) -> list[Row]:
         dynamic = "off"
     train_ks = [k for k in e.ks if k <= t.eval_samples] or [1]
     when = f"every {t.eval_every} steps and at the end" if t.eval_every else "at the end only"
+    if t.eval_every and t.eval_at_start:
+        when = "before training (step 0), " + when
     saves = f"every {t.save_every} steps and the final one" if t.save_every else "the final one only"
     kept = "all kept" if t.keep_last == 0 else f"the newest {t.keep_last} kept"
     resume = {None: "no (trainer.resume=null)", "auto": "auto: the newest checkpoint of the run, if any"}

@@ -44,6 +44,7 @@ from trgrpo.report_runs import (
 
 FINAL_FRACTION = 0.1  # final reward/mean: mean over this last fraction of logged steps
 METRICS = (  # (csv name, markdown header)
+    ("start_accuracy", "Start accuracy (step 0)"),
     ("final_accuracy", "Final accuracy"),
     ("best_accuracy", "Best eval accuracy (training)"),
     ("final_reward", "Final reward/mean"),
@@ -69,13 +70,15 @@ def final_accuracy(run: Run) -> tuple[float, str]:
 
 def run_summary(run: Run) -> dict[str, float]:
     """Per-run numbers of the table; nan where the run did not log what is needed."""
-    _, accuracy = series(run.metrics, f"eval/{run.task}/accuracy")
+    steps, accuracy = series(run.metrics, f"eval/{run.task}/accuracy")
+    trained = accuracy[steps > 0]  # step 0: the initial policy (trainer.eval_at_start)
     _, reward = series(run.metrics, "reward/mean")
     _, grad_norm = series(run.metrics, "train/grad_norm")
     tail = max(1, math.ceil(FINAL_FRACTION * reward.size))
     return {
+        "start_accuracy": float(accuracy[0]) if steps.size and steps[0] == 0 else math.nan,
         "final_accuracy": final_accuracy(run)[0],
-        "best_accuracy": float(accuracy.max()) if accuracy.size else math.nan,
+        "best_accuracy": float(trained.max()) if trained.size else math.nan,
         "final_reward": float(reward[-tail:].mean()) if reward.size else math.nan,
         "grad_norm_mean": float(grad_norm.mean()) if grad_norm.size else math.nan,
         # population variance (ddof=0) of step-to-step changes: the paper's smoothness measure
@@ -194,8 +197,8 @@ def _results_section(
         "Mean ± half-width of the 95% t-interval over seeds (no CI with one seed); `(n=…)` when fewer runs "
         "than the row's logged the metric. Final accuracy: from `eval.json` "
         f"(runs: {sources.count('eval.json')}), else the last `eval/<task>/accuracy` in metrics.jsonl "
-        f"(runs: {sources.count('metrics.jsonl')}; neither: {sources.count('none')}). Best: the highest "
-        f"eval accuracy logged during training. Final reward: mean of the last {FINAL_FRACTION:.0%} of logged "
+        f"(runs: {sources.count('metrics.jsonl')}; neither: {sources.count('none')}). Start: the eval at step 0 "
+        "(the initial policy). Best: the highest eval accuracy logged during training (step > 0). Final reward: mean of the last {FINAL_FRACTION:.0%} of logged "
         "steps. Grad norm: before clipping; Var of Δ: mean over seeds of var(diff(train/grad_norm)), the "
         "step-to-step variability the TR-GRPO paper claims to reduce.",
         "",

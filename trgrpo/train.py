@@ -278,6 +278,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             log.warning("%s; the previous checkpoints are intact, training goes on", err)
             status(checkpoint_error=f"step {step}: {err}")
 
+    if main and t.eval_every and t.eval_at_start and start == 0:  # the baseline the curves start from
+        te = time.perf_counter()
+        logger.log(0, {**evaluate_now(ctx, cfg), "time/eval": time.perf_counter() - te})
     guard = InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
     metrics: dict[str, float] = {}
     completed = start  # the last step whose update, metrics and status are all written
