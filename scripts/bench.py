@@ -93,7 +93,7 @@ def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
 
 def step_cases(model_dir: Path, args) -> dict[str, dict]:
     """The runners compared on one model, in the order they run (alternating ours and TRL)."""
-    common = dict(warmup=1, steps=args.steps)
+    common = dict(warmup=args.warmup, steps=args.steps)
     ours = [
         "task=math",
         "task.train_size=2000",
@@ -122,6 +122,9 @@ def step_cases(model_dir: Path, args) -> dict[str, dict]:
     return {
         "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common),
         "trl defaults (bf16, grad ckpt)": dict(trl, bf16=True, gradient_checkpointing=True),
+        "ours fp32 compiled": dict(
+            kind="ours", overrides=[*ours, "trainer.precision=fp32", "trainer.compile=true"], **common
+        ),
         "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
         "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
     }
@@ -216,7 +219,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per case (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case (after the warm-up)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per case first (torch.compile compiles in them)"
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)

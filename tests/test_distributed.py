@@ -42,6 +42,7 @@ STEP = (
     "trainer.warmup_steps=0",
     "trainer.ppo_epochs=2",
     "trainer.max_tokens_per_microbatch=96",
+    "trainer.share_prompts=false",  # sharded learners do not share prompt passes: the same float path
 )
 SPLIT = 12  # rank 0 steps on the first three groups, rank 1 on the last: uneven micro-batch counts
 

@@ -156,3 +156,45 @@ def test_observation_tokens_get_no_gradient(tiny):
     # Later tokens cannot influence earlier ones (causal), so masking them out equals truncating them.
     for a, b in zip(grad_of(masked), grad_of(short)):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_new", [12, 1])
+def test_shared_prompt_pass_equals_the_one_pass_forward(tiny, max_new):
+    """share_prompts: each group's prompt runs through the body once and its samples continue from its
+    keys and values; log-probs, entropy and gradients equal the one-pass forward's (float rounding)."""
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model)
+    engine = HFEngine(model, tokenizer)
+    texts = [f"What is {i} + {2 * i}?" + " x" * i for i in range(3)]
+    ids = [encode_prompt(tokenizer, t) for t in texts]
+    comps = engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=max_new, n=4, seed=7))
+    rollouts = [
+        Rollout(Example(str(k // 4), texts[k // 4], "0"), tuple(ids[k // 4]), c, Reward(0.0))
+        for k, c in enumerate(comps)
+    ]
+    order = [5, 0, 9, 1, 6, 10, 2, 3, 11, 4, 7, 8]  # groups interleaved: sharing must not rely on order
+    mb = collate(rollouts, torch.zeros(12), order, tokenizer.pad_token_id)
+    assert mb.first is not None and mb.owner is not None and len(mb.first) == 3
+    weights = torch.randn(mb.response_mask.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp, ent = response_logprobs(
+            model, mb, temperature=0.7, chunk=5, with_entropy=True, share_prompts=share
+        )
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    m = mb.response_mask
+    assert m.sum() > 5
+    assert torch.allclose(lp_a[m], lp_b[m], atol=1e-5, rtol=0)
+    assert torch.allclose(ent_a[m], ent_b[m], atol=1e-5, rtol=0)
+    flat_a, flat_b = torch.cat([g.flatten() for g in g_a]), torch.cat([g.flatten() for g in g_b])
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5
+
+
+def test_distinct_prompts_are_not_shared(tiny):
+    model, tokenizer, _ = tiny
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=1)
+    mb = collate(rollouts, torch.zeros(3), [0, 1, 2], tokenizer.pad_token_id)
+    assert mb.first is None and mb.owner is None

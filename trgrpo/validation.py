@@ -97,6 +97,11 @@ def problems(cfg: Config) -> list[str]:
             "would need its own vLLM engine outside the learner's process group): use rollout=hf under "
             "torchrun, or one process with rollout=vllm",
         ),
+        (
+            ranks == 1 or not t.compile,
+            f"trainer.compile=true with {ranks} torchrun processes is not supported yet (the body is "
+            "compiled before FSDP2 wraps its layers): set trainer.compile=false under torchrun",
+        ),
         (t.lr > 0, f"trainer.lr={t.lr} must be > 0"),
         (t.max_grad_norm > 0, f"trainer.max_grad_norm={t.max_grad_norm} must be > 0"),
         (t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps} must be ≥ 0 (optimizer steps)"),

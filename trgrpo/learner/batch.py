@@ -31,6 +31,10 @@ class MicroBatch:
     response_mask: Tensor  # [B, T] bool, True = the policy generated it (counts in the loss)
     advantages: Tensor  # [B] float32
     sampler_logprobs: Tensor  # [B, T] float32 (0 where response_mask is False)
+    # rows with the same prompt (a group's samples): `first` [U] one row per distinct prompt, `owner`
+    # [B] the index into `first` of each row's prompt; None when every row's prompt is distinct
+    first: Tensor | None = None
+    owner: Tensor | None = None
 
 
 def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -74,6 +78,10 @@ def collate(rollouts: Sequence[Rollout], advantages: Tensor, rows: Sequence[int]
             response_mask[i, :t] = torch.tensor(c.response_mask, dtype=torch.bool)
             sampler[i, :t] = torch.tensor(c.logprobs, dtype=torch.float32)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in chosen]
+    first = [owner.index(u) for u in range(len(distinct))]
+    shared = len(distinct) < len(chosen)
     return MicroBatch(
         rows=tuple(rows),
         input_ids=input_ids,
@@ -84,6 +92,8 @@ def collate(rollouts: Sequence[Rollout], advantages: Tensor, rows: Sequence[int]
         response_mask=response_mask,
         advantages=advantages[list(rows)].float(),
         sampler_logprobs=sampler,
+        first=torch.tensor(first, dtype=torch.long) if shared else None,
+        owner=torch.tensor(owner, dtype=torch.long) if shared else None,
     )
 
 

@@ -60,9 +60,12 @@ class Learner:
             for m in (model, ref_model):  # the same attention numerics for policy and reference
                 if m is not None:
                     float32_attention(m)
-        self.scorer = Scorer(model)
-        self.ref_scorer = None if ref_model is None else Scorer(ref_model)
+        self.scorer = Scorer(model, compile=trainer.compile)
+        self.ref_scorer = None if ref_model is None else Scorer(ref_model, compile=trainer.compile)
         self.sharded = shard
+        # one body pass per distinct prompt needs the KV cache, which gradient checkpointing turns off;
+        # under FSDP2 the body would run twice per micro-batch (not tested there yet)
+        self.share_prompts = trainer.share_prompts and not trainer.gradient_checkpointing and not shard
         if shard:  # before the optimizer: sharding replaces the parameters
             for scorer in (self.scorer, self.ref_scorer):
                 if scorer is not None:
@@ -90,7 +93,13 @@ class Learner:
     def _score(self, scorer: Scorer, mbs: Sequence[MicroBatch]) -> list[Tensor]:
         t = self.trainer
         return [
-            scorer(mb, temperature=self.temperature, chunk=t.logprob_chunk, precision=t.precision)[0]
+            scorer(
+                mb,
+                temperature=self.temperature,
+                chunk=t.logprob_chunk,
+                precision=t.precision,
+                share_prompts=self.share_prompts,
+            )[0]
             for mb in mbs
         ]
 
@@ -183,6 +192,7 @@ class Learner:
                 chunk=t.logprob_chunk,
                 with_entropy=True,
                 precision=t.precision,
+                share_prompts=self.share_prompts,
             )
             if not mb.rows:  # idle: FSDP's collectives run in backward too; its gradient is exactly 0
                 (0.0 * logprobs.sum()).backward()

@@ -101,6 +101,11 @@ def float32_attention(model) -> bool:
     return True
 
 
+def decoder(model):
+    """The body of a causal LM: everything before the lm_head (returns hidden states)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
 def response_logprobs(
     model,
     mb: MicroBatch,
@@ -109,23 +114,30 @@ def response_logprobs(
     chunk: int,
     with_entropy: bool = False,
     precision: str = "fp32",
+    body=None,
+    share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """[B, T] log-probs of mb.response_ids (0 where response_mask is False), and entropy [B, T] or None.
 
     precision: "fp32", or "bf16" for autocast of the model body (the head stays float32).
+    body: what runs the body (default `decoder(model)`; the Scorer passes its compiled one).
+    share_prompts: run each distinct prompt of the micro-batch through the body once (`_shared_body`).
     """
     assert precision in ("fp32", "bf16"), f"precision={precision!r}: expected fp32 or bf16"
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    body = body if body is not None else decoder(model)
     device_type = mb.input_ids.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        hidden = body(
-            input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
-            position_ids=mb.position_ids,
-            use_cache=False,  # one full pass: a KV cache would only hold memory
-        ).last_hidden_state
     p, t = mb.prompt_width, mb.response_ids.shape[1]
-    hidden = hidden[:, p - 1 : p - 1 + t]  # the states that predict response tokens 0..T−1
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if share_prompts and mb.owner is not None:
+            hidden = _shared_body(body, model.config, mb)
+        else:
+            hidden = body(
+                input_ids=mb.input_ids,
+                attention_mask=mb.attention_mask,
+                position_ids=mb.position_ids,
+                use_cache=False,  # one full pass: a KV cache would only hold memory
+            ).last_hidden_state
+            hidden = hidden[:, p - 1 : p - 1 + t]  # the states that predict response tokens 0..T−1
     head = model.get_output_embeddings()
     flat_mask = mb.response_mask.reshape(-1)
     selected = hidden.reshape(-1, hidden.shape[-1])[flat_mask]
@@ -147,6 +159,43 @@ def response_logprobs(
     return out, entropy
 
 
+def _shared_body(body, config, mb: MicroBatch) -> Tensor:
+    """[B, T, H]: the hidden states that predict the response tokens, with each distinct prompt run once.
+
+    The G samples of a group share their prompt, so its keys and values are computed once (under
+    autograd: the gradient of every sample flows back into the one prompt pass), selected per row, and
+    the responses run on top of them as a continuation. Same values as the one-pass forward up to
+    float rounding (tested); saves (G − 1)/G of the prompt tokens' forward and backward.
+    """
+    from transformers import DynamicCache
+
+    p, t = mb.prompt_width, mb.response_ids.shape[1]
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    first = mb.first
+    prompt = body(
+        input_ids=mb.input_ids[first, :p],
+        attention_mask=mb.attention_mask[first, :p],
+        position_ids=mb.position_ids[first, :p],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    last = prompt[:, -1:][mb.owner]  # [B, 1, H]: the prompt's last state predicts response token 0
+    if t == 1:
+        return last
+    cache.batch_select_indices(mb.owner)
+    rest = body(
+        input_ids=mb.input_ids[:, p : p + t - 1],
+        attention_mask=mb.attention_mask[:, : p + t - 1],
+        position_ids=mb.position_ids[:, p : p + t - 1],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([last, rest], dim=1)
+
+
 class Scorer(torch.nn.Module):
     """A causal LM as a module whose forward is `response_logprobs` (same arguments, after `mb`).
 
@@ -155,9 +204,13 @@ class Scorer(torch.nn.Module):
     forward, so the root's parameters (embeddings, head) are gathered for both.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, compile: bool = False):
+        """compile: run the body through `torch.compile` (dynamic shapes: micro-batch sizes vary), which
+        fuses its elementwise ops (norms, rotary, activations) and their backward into few kernels. The
+        compiled module is held outside the module tree, so the scorer's parameters stay the model's."""
         super().__init__()
         self.model = model
+        self._body = (torch.compile(decoder(model), dynamic=True) if compile else None,)
 
     def forward(self, mb: MicroBatch, **kwargs) -> tuple[Tensor, Tensor | None]:
-        return response_logprobs(self.model, mb, **kwargs)
+        return response_logprobs(self.model, mb, body=self._body[0], **kwargs)

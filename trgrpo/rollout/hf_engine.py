@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from trgrpo.learner.logprobs import decoder
 from trgrpo.records import Completion, Sampling
 
 
@@ -78,7 +79,9 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         if sampling.n > 1 and width > 1:
-            kwargs["past_key_values"] = self._prefill(input_ids, attention, sampling.n)
+            kwargs["past_key_values"] = self._prefill(
+                input_ids, attention, sampling.n, max_len=width + sampling.max_new_tokens
+            )
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
         attention = attention.repeat_interleave(sampling.n, dim=0)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -96,11 +99,14 @@ class HFEngine:
             self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(new_ids))
         ]
 
-    def _prefill(self, input_ids: Tensor, attention: Tensor, n: int):
+    def _prefill(self, input_ids: Tensor, attention: Tensor, n: int, max_len: int):
         """The KV cache of every prompt but its last token, computed once and repeated n times per row.
 
         `generate` sees a cache shorter than its input by one token, so it runs only that token through
         the model before sampling; the distribution is the same as prefilling each of the n copies.
+        The repeated cache is a static one of `max_len` positions where this transformers has one:
+        decoding then writes in place instead of concatenating the whole cache at every token
+        (~20% faster sampling on CPU, docs/BENCHMARKS.md); same samples either way (tested).
         """
         from transformers import DynamicCache
 
@@ -108,7 +114,7 @@ class HFEngine:
             cache = DynamicCache(config=self.model.config)
         except TypeError:  # older transformers
             cache = DynamicCache()
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        body = decoder(self.model)
         mask = attention[:, :-1]
         body(
             input_ids=input_ids[:, :-1],
@@ -117,8 +123,7 @@ class HFEngine:
             past_key_values=cache,
             use_cache=True,
         )
-        cache.batch_repeat_interleave(n)
-        return cache
+        return _static_copy(cache, self.model.config, n, max_len) or _repeated(cache, n)
 
     def _completion(self, ids: list[int], logprobs: list[float], sampling: Sampling) -> Completion:
         end, reason = len(ids), "length"
@@ -133,6 +138,34 @@ class HFEngine:
         ids, logprobs = ids[:end], logprobs[:end]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(tuple(ids), tuple(logprobs), (True,) * len(ids), text, reason)
+
+
+def _repeated(cache, n: int):
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
+def _static_copy(cache, config, n: int, max_len: int):
+    """A StaticCache of `max_len` positions holding `cache`'s rows each repeated n times, or None where
+    this transformers or this model's layers do not allow one (the dynamic cache is used then)."""
+    try:
+        from transformers import StaticCache
+
+        layers = cache.layers
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return None  # sliding-window or other special layers: keep their own cache type
+        static = StaticCache(config=config, max_cache_len=max_len)
+        for i, layer in enumerate(layers):
+            length = layer.keys.shape[-2]
+            static.update(
+                layer.keys.repeat_interleave(n, dim=0),
+                layer.values.repeat_interleave(n, dim=0),
+                i,
+                {"cache_position": torch.arange(length, device=layer.keys.device)},
+            )
+        return static
+    except (ImportError, AttributeError, TypeError):
+        return None
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
