@@ -152,7 +152,9 @@ def ours(case: dict) -> dict:
                 "sync": t4 - t3,
                 "step": t4 - t0,
                 "new_tokens": sum(len(c.token_ids) for c in completions),
-                "learner_tokens": sum(len(ro.prompt_ids) + len(ro.completion.token_ids) for ro in rollouts),
+                # tokens the learner's body runs: a group's prompt once when the learner shares it
+                "learner_tokens": sum(len(ro.completion.token_ids) for ro in rollouts)
+                + sum(len(p) for p in prompts) * (1 if learner.share_prompts else r.group_size),
             }
         )
     pool.close()
