@@ -196,6 +196,7 @@ def test_markdown_tables_and_excluded_runs(report: tuple[Path, list[Path]]) -> N
     assert f"| logic/grpo | 3 (0 1 2) | 0.800 ± {half:.3f} | 0.600 ± {half:.3f} |" in text  # start, final
     assert f"15 runs found under `{out.parent.resolve()}`; 12 in the tables, 3 not included" in text
     assert "`eval.json` (runs: 11), else the last `eval/<task>/accuracy` in metrics.jsonl (runs: 1;" in text
+    assert "Final reward: mean of the last 10% of logged steps" in text and "{" not in text
     assert (
         "## Paired differences against grpo" in text
         and "| math | math/tr_grpo | math/grpo | final_accuracy |" in text
