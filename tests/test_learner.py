@@ -118,6 +118,11 @@ def test_token_budget_microbatches_give_the_gradient_of_one_batch(tiny, agg):
     for a, b in zip(g_one, g_many):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in g_one)
+    learner.padding_free = True  # packed micro-batches through the learner: the same loss and gradient
+    _, g_packed, m_packed = grads(80)
+    assert abs(m_one["loss/policy"] - m_packed["loss/policy"]) < 1e-6
+    for a, b in zip(g_one, g_packed):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_observation_tokens_get_no_gradient(tiny):
@@ -198,3 +203,40 @@ def test_distinct_prompts_are_not_shared(tiny):
     rollouts = _rollouts(model, tokenizer, n_prompts=3, n=1)
     mb = collate(rollouts, torch.zeros(3), [0, 1, 2], tokenizer.pad_token_id)
     assert mb.first is None and mb.owner is None
+
+
+def test_padding_free_pass_equals_the_padded_forward(tiny):
+    """padding_free: the micro-batch's real tokens run as one packed row (position ids restart per
+    sequence, no attention mask); transformers turns that into a block-diagonal causal mask here (SDPA
+    on CPU) and a varlen kernel with flash attention. If sequences could see each other the log-probs
+    would differ; they equal the padded forward's, and so do the gradients."""
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model)
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=2, seed=4)  # prompts of different lengths
+    mb = collate(rollouts, torch.zeros(6), list(range(6)), tokenizer.pad_token_id)
+    assert (mb.attention_mask == 0).any(), "no padding: the test would not show anything"
+    weights = torch.randn(mb.response_mask.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp, _ = response_logprobs(model, mb, temperature=0.7, chunk=5, padding_free=packed)
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp_a, g_a), (lp_b, g_b) = results
+    m = mb.response_mask
+    assert torch.allclose(lp_a[m], lp_b[m], atol=1e-5, rtol=0)
+    flat_a, flat_b = torch.cat([g.flatten() for g in g_a]), torch.cat([g.flatten() for g in g_b])
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("auto", False)])
+def test_padding_free_setting(tiny, value, expected):
+    """auto turns packing on only for flash attention (the tiny model uses SDPA)."""
+    from conftest import FAST, make_cfg
+
+    model = tiny[0]
+    cfg = make_cfg(*FAST, f"trainer.padding_free={value}")
+    learner = Learner(
+        model, None, trainer=cfg.trainer, algo=cfg.algo, temperature=1.0, max_new_tokens=8, pad_id=0
+    )
+    assert learner.padding_free is expected

@@ -177,9 +177,10 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the learner's forward/backward; fp32 master weights)
     gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     share_prompts: bool = True  # learner: one body pass per distinct prompt, its G samples continue from it
-    compile: bool = (
-        False  # torch.compile the model body for the learner's passes (the first step pays ~1-2 min)
-    )
+    # packed micro-batches (one row, no padding): auto = where the model's attention has varlen kernels
+    # (flash attention on GPU); true forces it (on CPU SDPA it is slower: a dense mask over the row)
+    padding_free: str = "auto"
+    compile: bool = False  # torch.compile the learner's model body (the first step pays ~1-2 min)
     eval_every: int = 0  # steps between evaluations on the held-out set (0 = only at the end)
     eval_at_start: bool = True  # with eval_every > 0: also evaluate the initial policy (logged as step 0)
     eval_samples: int = 4  # samples per eval prompt (pass@k uses them), besides one greedy

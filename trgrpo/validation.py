@@ -56,6 +56,7 @@ def problems(cfg: Config) -> list[str]:
     out += _one_of(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     mode, world = str(t.distributed).lower(), launched_world_size()
     out += _one_of(mode, ("auto", "true", "false"), "trainer.distributed")
+    out += _one_of(str(t.padding_free).lower(), ("auto", "true", "false"), "trainer.padding_free")
     ranks = world if mode == "true" or (mode == "auto" and world > 1) else 1
     sigmoidal = w.shape in ("sigmoid", "reverse")
     resume_ok = t.resume in (None, "", "none", "false", "auto") or Path(t.resume).expanduser().exists()

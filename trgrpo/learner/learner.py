@@ -28,7 +28,7 @@ from trgrpo.algo.token_weights import token_weights, weight_stats
 from trgrpo.config import AlgoConfig, TrainerConfig
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.batch import MicroBatch, idle, make_microbatches, to_device
-from trgrpo.learner.logprobs import Scorer, float32_attention
+from trgrpo.learner.logprobs import Scorer, float32_attention, uses_varlen_attention
 from trgrpo.records import Rollout
 
 
@@ -66,6 +66,8 @@ class Learner:
         # one body pass per distinct prompt needs the KV cache, which gradient checkpointing turns off;
         # under FSDP2 the body would run twice per micro-batch (not tested there yet)
         self.share_prompts = trainer.share_prompts and not trainer.gradient_checkpointing and not shard
+        mode = str(trainer.padding_free).lower()
+        self.padding_free = mode == "true" or (mode == "auto" and uses_varlen_attention(model))
         if shard:  # before the optimizer: sharding replaces the parameters
             for scorer in (self.scorer, self.ref_scorer):
                 if scorer is not None:
@@ -99,6 +101,7 @@ class Learner:
                 chunk=t.logprob_chunk,
                 precision=t.precision,
                 share_prompts=self.share_prompts,
+                padding_free=self.padding_free,
             )[0]
             for mb in mbs
         ]
@@ -193,6 +196,7 @@ class Learner:
                 with_entropy=True,
                 precision=t.precision,
                 share_prompts=self.share_prompts,
+                padding_free=self.padding_free,
             )
             if not mb.rows:  # idle: FSDP's collectives run in backward too; its gradient is exactly 0
                 (0.0 * logprobs.sum()).backward()

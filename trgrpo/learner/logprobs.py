@@ -116,19 +116,23 @@ def response_logprobs(
     precision: str = "fp32",
     body=None,
     share_prompts: bool = False,
+    padding_free: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """[B, T] log-probs of mb.response_ids (0 where response_mask is False), and entropy [B, T] or None.
 
     precision: "fp32", or "bf16" for autocast of the model body (the head stays float32).
     body: what runs the body (default `decoder(model)`; the Scorer passes its compiled one).
     share_prompts: run each distinct prompt of the micro-batch through the body once (`_shared_body`).
+    padding_free: run the micro-batch's real tokens as one packed row (`_packed_body`; before sharing).
     """
     assert precision in ("fp32", "bf16"), f"precision={precision!r}: expected fp32 or bf16"
     body = body if body is not None else decoder(model)
     device_type = mb.input_ids.device.type
     p, t = mb.prompt_width, mb.response_ids.shape[1]
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        if share_prompts and mb.owner is not None:
+        if padding_free:
+            hidden = _packed_body(body, mb)[:, p - 1 : p - 1 + t]
+        elif share_prompts and mb.owner is not None:
             hidden = _shared_body(body, model.config, mb)
         else:
             hidden = body(
@@ -157,6 +161,28 @@ def response_logprobs(
     if entropy is not None:
         entropy = torch.zeros_like(out).masked_scatter(mb.response_mask, entropy)
     return out, entropy
+
+
+def _packed_body(body, mb: MicroBatch) -> Tensor:
+    """[B, L, H] hidden states (zero at padding), computed from the real tokens packed into one row.
+
+    Position ids restart at 0 for every sequence, which is how transformers recognises packed
+    sequences without an attention mask: flash attention then runs its varlen kernel (compute and
+    memory for the real tokens only), SDPA and eager a block-diagonal causal mask. Equal to the
+    padded forward up to float rounding (tested on CPU with SDPA).
+    """
+    real = mb.attention_mask.bool()
+    packed = body(
+        input_ids=mb.input_ids[real].unsqueeze(0),
+        position_ids=mb.position_ids[real].unsqueeze(0),
+        use_cache=False,
+    ).last_hidden_state[0]
+    return packed.new_zeros(*real.shape, packed.shape[-1]).masked_scatter(real.unsqueeze(-1), packed)
+
+
+def uses_varlen_attention(model) -> bool:
+    """Whether the model's attention implementation is a flash-attention one (varlen kernels)."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
 
 
 def _shared_body(body, config, mb: MicroBatch) -> Tensor:
