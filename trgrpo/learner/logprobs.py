@@ -106,6 +106,16 @@ def decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
+def dynamic_cache(config):
+    """An empty transformers DynamicCache for a model of `config` (which gives its layer types)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
 def response_logprobs(
     model,
     mb: MicroBatch,
@@ -193,13 +203,8 @@ def _shared_body(body, config, mb: MicroBatch) -> Tensor:
     the responses run on top of them as a continuation. Same values as the one-pass forward up to
     float rounding (tested); saves (G − 1)/G of the prompt tokens' forward and backward.
     """
-    from transformers import DynamicCache
-
     p, t = mb.prompt_width, mb.response_ids.shape[1]
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # older transformers
-        cache = DynamicCache()
+    cache = dynamic_cache(config)
     first = mb.first
     prompt = body(
         input_ids=mb.input_ids[first, :p],
