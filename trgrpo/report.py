@@ -199,8 +199,9 @@ def _results_section(
         f"(runs: {sources.count('eval.json')}), else the last `eval/<task>/accuracy` in metrics.jsonl "
         f"(runs: {sources.count('metrics.jsonl')}; neither: {sources.count('none')}). Start: the eval at step 0 "
         "(the initial policy). Best: the highest eval accuracy logged during training (step > 0). "
-        f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Grad norm: before clipping; Var of Δ: mean over seeds of var(diff(train/grad_norm)), the "
-        "step-to-step variability the TR-GRPO paper claims to reduce.",
+        f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Grad norm: before "
+        "clipping; Var of Δ: mean over seeds of var(diff(train/grad_norm)), the step-to-step variability "
+        "the TR-GRPO paper claims to reduce.",
         "",
         f"Groups are split on: {_split_text(keys)}.",
     ]

@@ -136,6 +136,8 @@ def sample_groups(ctx, sampler: PromptSampler, cfg: Config, step: int):
 
 
 def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
+    """The held-out evaluation's metrics (`eval/<task>/...`) and its duration (`time/eval`)."""
+    start = time.perf_counter()
     result = evaluate_examples(
         ctx["engine"],
         ctx["task"],
@@ -151,7 +153,8 @@ def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
         seed=cfg.seed,
         resamples=200,
     )
-    return {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
+    metrics = {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
+    return {**metrics, "time/eval": time.perf_counter() - start}
 
 
 def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Learner, PromptSampler, dict]:
@@ -279,8 +282,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
             status(checkpoint_error=f"step {step}: {err}")
 
     if main and t.eval_every and t.eval_at_start and start == 0:  # the baseline the curves start from
-        te = time.perf_counter()
-        logger.log(0, {**evaluate_now(ctx, cfg), "time/eval": time.perf_counter() - te})
+        logger.log(0, evaluate_now(ctx, cfg))
     guard = InterruptGuard()  # Ctrl-C while a step is being applied waits for its end
     metrics: dict[str, float] = {}
     completed = start  # the last step whose update, metrics and status are all written
@@ -323,9 +325,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                     )
                     last = step == t.steps
                     if main and (last or (t.eval_every and step % t.eval_every == 0)):
-                        te = time.perf_counter()
                         metrics.update(evaluate_now(ctx, cfg))
-                        metrics["time/eval"] = time.perf_counter() - te
                     metrics["time/step"] = time.perf_counter() - t0
                     metrics["perf/tokens_per_s"] = tokens / max(t3 - t0, 1e-9)
                     logger.log(step, metrics)
