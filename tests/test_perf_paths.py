@@ -171,7 +171,7 @@ def test_precision_is_validated(value, ok):
 
 
 def test_static_cache_sampling_draws_the_same_samples(tiny, monkeypatch):
-    """The hf engine decodes from a static KV cache (in-place writes) where transformers has one; the
+    """The hf engine's `generate` decoder decodes from a static KV cache (in-place writes) where transformers has one; the
     samples and their log-probs are those of the dynamic cache (prompts of different lengths, so left
     padding is covered)."""
     from transformers import StaticCache
@@ -179,7 +179,7 @@ def test_static_cache_sampling_draws_the_same_samples(tiny, monkeypatch):
     from trgrpo.rollout import hf_engine
 
     model, tokenizer, _ = tiny
-    engine = HFEngine(model, tokenizer)
+    engine = HFEngine(model, tokenizer, decode="generate")
     ids = [encode_prompt(tokenizer, f"What is {i} + {3 * i}?" + " Think." * i) for i in range(3)]
     sampling = Sampling(temperature=1.0, max_new_tokens=12, n=4, seed=5)
     used = []

@@ -58,6 +58,7 @@ MATH_KEYS = (
 FREE_KEYS = (
     "rollout.engine",
     "rollout.batch_size",
+    "rollout.hf_decode",
     "rollout.gpu_memory_utilization",
     "rollout.tensor_parallel_size",
     "rollout.sleep",

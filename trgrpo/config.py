@@ -154,6 +154,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 0  # hf: prompts per generate call (0 = all at once)
+    hf_decode: str = "auto"  # hf: auto | shared_prefix (where the model supports it) | generate
     gpu_memory_utilization: float = 0.4  # vllm on GPU: memory fraction for the engine
     tensor_parallel_size: int = 1  # vllm on GPU
     sleep: bool = True  # vllm on GPU: sleep the engine during learner phases

@@ -14,6 +14,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 WEIGHT_SHAPES = ("none", "sigmoid", "linear", "reverse")
 PLACEMENTS = ("loss", "ratio")
 ENGINES = ("hf", "vllm")
+HF_DECODES = ("auto", "shared_prefix", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16")
 
@@ -111,6 +112,10 @@ def problems(cfg: Config) -> list[str]:
         (r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 for training (sampling)"),
         (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
         (r.batch_size >= 0, f"rollout.batch_size={r.batch_size} must be ≥ 0 (0 = all prompts at once)"),
+        (
+            r.hf_decode in HF_DECODES,
+            f"rollout.hf_decode={r.hf_decode!r} is not valid; choose one of: {', '.join(HF_DECODES)}",
+        ),
         (
             0 < r.gpu_memory_utilization <= 1,
             f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]",

@@ -14,7 +14,7 @@ def make_engine(cfg: RolloutConfig, model, tokenizer, *, seed: int = 0) -> Engin
     if cfg.engine == "hf":
         from trgrpo.rollout.hf_engine import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, decode=cfg.hf_decode)
     if cfg.engine == "vllm":
         from trgrpo.rollout.vllm_engine import VLLMEngine
 

@@ -6,8 +6,14 @@ which `load_weights` copies the gathered parameters after every optimizer step. 
 are log-softmax(raw logits / temperature) over the full vocabulary at the sampled ids, the same
 quantity the learner computes (ALGORITHMS.md, "Log-probs"); top-p only changes which ids are drawn.
 Sampling uses a forked RNG seeded per call, so generation never moves the learner's RNG and a run is
-reproducible from its seed. With n > 1 samples per prompt, each prompt is prefilled once and its KV
-cache repeated n times (`generate`'s num_return_sequences would run the prefill n times).
+reproducible from its seed.
+
+Two decoders (`rollout.hf_decode`): `shared_prefix` (prefix_decode.py; `auto` picks it where the
+architecture supports it) prefills each prompt once and keeps its keys and values once for its n
+samples, with cascade attention at every new token; it computes each token's log-prob as it samples
+(no [rows, tokens, vocab] logits are kept). `generate` is transformers' own loop, for any model: each
+prompt is prefilled once and its KV cache repeated n times into a static cache (`generate`'s
+num_return_sequences would run the prefill n times).
 """
 
 from __future__ import annotations
@@ -17,16 +23,26 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from trgrpo.config import ConfigError
 from trgrpo.learner.logprobs import decoder, dynamic_cache
 from trgrpo.records import Completion, Sampling
+from trgrpo.rollout import prefix_decode
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, *, batch_size: int = 0):
+    def __init__(self, model, tokenizer, *, batch_size: int = 0, decode: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # prompts per generate call; 0 = all at once
         self.eos_ids = _eos_ids(model, tokenizer)
+        supported = prefix_decode.supports(model)
+        if decode == "shared_prefix" and not supported:
+            raise ConfigError(
+                f"rollout.hf_decode=shared_prefix does not support this model (model_type "
+                f"{getattr(model.config, 'model_type', None)!r}; supported: full-attention "
+                f"{', '.join(prefix_decode.SUPPORTED_MODEL_TYPES)}): use rollout.hf_decode=auto or generate"
+            )
+        self.shared_prefix = decode == "shared_prefix" or (decode == "auto" and supported)
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -64,6 +80,53 @@ class HFEngine:
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                decode = self._shared_prefix if self.shared_prefix else self._generate
+                new_ids, logprobs = decode(input_ids, attention, sampling)
+        finally:
+            self.model.train(was_training)
+        new_ids, logprobs = new_ids.cpu(), logprobs.cpu()
+        return [
+            self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(new_ids))
+        ]
+
+    def _shared_prefix(
+        self, input_ids: Tensor, attention: Tensor, sampling: Sampling
+    ) -> tuple[Tensor, Tensor]:
+        return prefix_decode.sample(
+            self.model,
+            input_ids,
+            attention,
+            n=sampling.n,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=sampling.top_p,
+            eos_ids=self.eos_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            stop_check=self._stop_check(sampling.stop) if sampling.stop else None,
+        )
+
+    def _stop_check(self, stops: tuple[str, ...]):
+        """Which live rows' text now contains a stop string: decodes each live row's last few tokens
+        (a stop string of c characters spans at most c tokens, plus slack for tokens of no text)."""
+        window = max(len(s) for s in stops) + 4
+
+        def check(ids: Tensor, live: Tensor) -> Tensor:
+            rows = live.nonzero().flatten().tolist()
+            texts = self.tokenizer.batch_decode(ids[rows, -window:].tolist(), skip_special_tokens=False)
+            hit = torch.zeros_like(live)
+            hit[rows] = torch.tensor([any(s in text for s in stops) for text in texts], device=live.device)
+            return hit
+
+        return check
+
+    def _generate(self, input_ids: Tensor, attention: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+        width, pad = input_ids.shape[1], self.tokenizer.pad_token_id
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
@@ -76,28 +139,20 @@ class HFEngine:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        was_training = self.model.training
-        self.model.eval()
         if sampling.n > 1 and width > 1:
             kwargs["past_key_values"] = self._prefill(
                 input_ids, attention, sampling.n, max_len=width + sampling.max_new_tokens
             )
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
         attention = attention.repeat_interleave(sampling.n, dim=0)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            result = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-        self.model.train(was_training)
-        new_ids = result.sequences[:, width:].cpu()
+        result = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        new_ids = result.sequences[:, width:]
         temperature = 1.0 if sampling.greedy else sampling.temperature
-        logits = torch.stack(result.logits, dim=1).float().cpu()  # [B, T, V]
+        logits = torch.stack(result.logits, dim=1).float()  # [B, T, V]
         logprobs = (
             torch.log_softmax(logits / temperature, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
         )
-        return [
-            self._completion(new_ids[i].tolist(), logprobs[i].tolist(), sampling) for i in range(len(new_ids))
-        ]
+        return new_ids, logprobs
 
     def _prefill(self, input_ids: Tensor, attention: Tensor, n: int, max_len: int):
         """The KV cache of every prompt but its last token, computed once and repeated n times per row.

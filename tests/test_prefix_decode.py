@@ -1,0 +1,160 @@
+"""The hf engine's shared-prefix decoder (rollout/prefix_decode.py) against transformers' `generate`
+and against teacher-forced log-probs: the cascade attention over a prompt stored once per group must
+give the model's own distribution (prompts of different lengths, so left padding is covered; GQA and
+query/key-norm architectures too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cfg
+
+from trgrpo.config import ConfigError
+from trgrpo.models import encode_prompt
+from trgrpo.records import Sampling
+from trgrpo.rollout import prefix_decode
+from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.validation import problems
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=12, n=3)
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    texts = [f"What is {i} + {3 * i}?" + " Think." * (2 * i) for i in range(3)]
+    return [encode_prompt(tokenizer, t) for t in texts] + [
+        encode_prompt(tokenizer, "")[-1:]
+    ]  # a 1-token prompt
+
+
+def _random_model(kind: str, vocab: int):
+    """A freshly initialised small model of another architecture, on the tiny tokenizer's vocabulary."""
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    if kind == "qwen3":  # grouped-query attention, query/key norms, explicit head_dim
+        model = Qwen3ForCausalLM(
+            Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=32, **common)
+        )
+    elif kind == "qwen2":  # attention biases, grouped-query attention
+        model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=1, **common))
+    else:  # sliding-window attention: not supported, `auto` falls back to generate
+        model = MistralForCausalLM(
+            MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, **common)
+        )
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen3", "qwen2"])
+def model_and_tokenizer(request, tiny):
+    model, tokenizer, _ = tiny
+    if request.param != "llama":
+        model = _random_model(request.param, model.config.vocab_size)
+    assert prefix_decode.supports(model)
+    return model, tokenizer
+
+
+def test_greedy_equals_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer)
+    ours = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, GREEDY)
+    theirs = HFEngine(model, tokenizer, decode="generate").generate(prompts, GREEDY)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert [c.finish_reason for c in ours] == [c.finish_reason for c in theirs]
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_sampled_logprobs_are_the_teacher_forced_ones(model_and_tokenizer):
+    """Sampling at temperature 0.7: every recorded log-prob equals log-softmax(logits / 0.7) of one
+    plain forward pass over that prompt and completion (no cache, no padding)."""
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer)
+    sampling = Sampling(temperature=0.7, max_new_tokens=10, n=4, seed=3)
+    completions = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, sampling)
+    assert len(completions) == len(prompts) * 4
+    for k, c in enumerate(completions):
+        prompt = prompts[k // 4]
+        ids = torch.tensor([prompt + list(c.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-5), k
+
+
+def test_sampling_is_reproducible_from_its_seed(tiny):
+    model, tokenizer, _ = tiny
+    engine = HFEngine(model, tokenizer, decode="shared_prefix")
+    prompts = _prompts(tokenizer)
+
+    def draw(seed):
+        return [c.token_ids for c in engine.generate(prompts, Sampling(max_new_tokens=8, n=4, seed=seed))]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_top_p_draws_from_the_nucleus_only():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top_p = 0.8 keeps the first two (their mass reaches 0.8),
+    renormalised to 0.625 / 0.375; top_p = 0.81 also keeps the third."""
+    logprobs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20000, 4)
+    torch.manual_seed(0)
+    counts = torch.bincount(prefix_decode._draw(logprobs, 0.8), minlength=4) / 20000
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] - 0.625) < 0.02
+    counts = torch.bincount(prefix_decode._draw(logprobs, 0.81), minlength=4) / 20000
+    assert counts[3] == 0 and abs(counts[2] - 0.15 / 0.95) < 0.02
+    counts = torch.bincount(prefix_decode._draw(logprobs, 1.0), minlength=4) / 20000
+    assert abs(counts[3] - 0.05) < 0.01
+
+
+def test_stop_strings_end_rows_like_generate(tiny):
+    model, tokenizer, _ = tiny
+    prompts = _prompts(tokenizer)
+    free = HFEngine(model, tokenizer, decode="generate").generate(prompts, GREEDY)
+    text = max((c.text for c in free), key=len)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # occurs in at least one completion
+    sampling = Sampling(temperature=0.0, max_new_tokens=12, n=3, stop=(stop,))
+    ours = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, sampling)
+    theirs = HFEngine(model, tokenizer, decode="generate").generate(prompts, sampling)
+    assert [(c.token_ids, c.finish_reason) for c in ours] == [(c.token_ids, c.finish_reason) for c in theirs]
+    assert any(stop in c.text and c.finish_reason == "stop" for c in ours)
+
+
+def test_unsupported_models_use_generate(tiny):
+    _, tokenizer, _ = tiny
+    model = _random_model("mistral", len(tokenizer))
+    assert not prefix_decode.supports(model)
+    engine = HFEngine(model, tokenizer)  # auto
+    assert not engine.shared_prefix
+    assert len(engine.generate(_prompts(tokenizer), GREEDY)) == 12
+    with pytest.raises(ConfigError, match=r"rollout\.hf_decode=auto or generate"):
+        HFEngine(model, tokenizer, decode="shared_prefix")
+
+
+def test_attention_implementation_is_restored(tiny):
+    model, tokenizer, _ = tiny
+    before = model.config._attn_implementation
+    HFEngine(model, tokenizer, decode="shared_prefix").generate(_prompts(tokenizer)[:1], GREEDY)
+    assert model.config._attn_implementation == before
+
+
+def test_unknown_decoder_name_is_refused():
+    found = problems(make_cfg("rollout.hf_decode=fast"))
+    assert any(
+        "rollout.hf_decode='fast' is not valid; choose one of: auto, shared_prefix, generate" in p
+        for p in found
+    )

@@ -1,0 +1,202 @@
+"""Sampling loop for the `hf` engine that reads each prompt's keys and values once per group.
+
+The G samples of a prompt share its prefix. `generate` repeats the prompt's KV cache G times and, at
+every new token, every row's attention reads its own copy of the prompt plus the whole (static)
+cache length. Decoding one token for 128 rows is memory-bound on those reads. Here the prompt's keys
+and values are stored once per prompt, and attention is computed in two blocks (cascade attention):
+the G rows' queries of a group against the shared prompt, each row against its own generated tokens
+so far, with one softmax over both. The same numbers as full attention up to float rounding (tested
+against `generate`).
+
+It runs the model's own layers (projections, rotary, norms) and swaps in only the attention
+function, through transformers' `AttentionInterface`, for the decode steps. Architectures whose
+attention goes through that interface with full (not sliding-window) attention are supported;
+others use `generate` (`supports`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trgrpo.learner.logprobs import decoder, dynamic_cache
+
+ATTENTION_NAME = "trgrpo_shared_prefix"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def supports(model) -> bool:
+    """True where this model's layers are known to route attention through `AttentionInterface` with
+    plain full attention (no sliding window, soft-capping or attention sinks)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return model.get_output_embeddings() is not None
+
+
+@dataclass
+class _Prefix:
+    """Per layer: the prompts' keys/values [prompts, kv_heads, P, d] (left-padded), the additive mask
+    [prompts, 1, 1, P] (-inf at padding), and every row's generated keys/values [rows, kv_heads, T, d]."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    bias: Tensor
+    new_keys: list[Tensor]
+    new_values: list[Tensor]
+    n: int  # rows per prompt
+    step: int = 0  # index of the token being decoded
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **_):
+    """One decode step (query length 1) of cascade attention; returns [rows, 1, heads, d]."""
+    state: _Prefix = shared_prefix
+    layer, t = module.layer_idx, state.step
+    state.new_keys[layer][:, :, t] = key[:, :, -1]
+    state.new_values[layer][:, :, t] = value[:, :, -1]
+    rows, heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    r, n = heads // kv_heads, state.n
+    prompts = rows // n
+    scale = scaling if scaling is not None else d**-0.5
+    q = query.reshape(rows, kv_heads, r, d) * scale  # query heads grouped under their kv head (GQA)
+    own_k = state.new_keys[layer][:, :, : t + 1]
+    own_v = state.new_values[layer][:, :, : t + 1]
+    scores = q @ own_k.transpose(-1, -2)  # [rows, kv_heads, r, t+1]
+    width = state.keys[layer].shape[-2]
+    if width:
+
+        def by_prompt(x):  # [rows, kv_heads, r, k] -> [prompts, kv_heads, n*r, k]
+            return x.view(prompts, n, kv_heads, r, -1).transpose(1, 2).reshape(prompts, kv_heads, n * r, -1)
+
+        def by_row(x):  # the inverse of by_prompt
+            return x.view(prompts, kv_heads, n, r, -1).transpose(1, 2).reshape(rows, kv_heads, r, -1)
+
+        shared = by_prompt(q) @ state.keys[layer].transpose(-1, -2) + state.bias
+        scores = torch.cat([by_row(shared), scores], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = probs[..., width:] @ own_v
+    if width:
+        out = out + by_row(by_prompt(probs[..., :width]) @ state.values[layer])
+    return out.reshape(rows, heads, 1, d).transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+
+
+@contextmanager
+def _attention_swapped(model):
+    config = model.config
+    saved = config._attn_implementation
+    _register()
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+@torch.no_grad()
+def sample(
+    model,
+    input_ids: Tensor,
+    attention: Tensor,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: list[int],
+    pad_id: int,
+    stop_check=None,
+) -> tuple[Tensor, Tensor]:
+    """Sample `n` continuations of every left-padded prompt row; returns token ids and their log-probs
+    (log-softmax of logits / temperature, full vocabulary), both [prompts * n, T], prompt-major.
+    temperature 0 is greedy. Rows end at an EOS id (later positions hold `pad_id`); the loop stops
+    when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended."""
+    body, head = decoder(model), model.get_output_embeddings()
+    rows, device = input_ids.shape[0] * n, input_ids.device
+    state = _prefill(model, body, input_ids, attention, n, max_new_tokens)
+    token = input_ids[:, -1].repeat_interleave(n)
+    position = (attention.sum(-1) - 1).repeat_interleave(n)
+    eos = torch.tensor(eos_ids or [-1], device=device)
+    out_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((rows, max_new_tokens), device=device)
+    live = torch.ones(rows, dtype=torch.bool, device=device)
+    with _attention_swapped(model):
+        for t in range(max_new_tokens):
+            state.step = t
+            hidden = body(
+                input_ids=token[:, None],
+                position_ids=(position + t)[:, None],
+                use_cache=False,
+                shared_prefix=state,
+            ).last_hidden_state[:, -1]
+            logits = head(hidden).float()
+            logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+            token = logits.argmax(-1) if temperature <= 0 else _draw(logprobs, top_p)
+            token = torch.where(live, token, pad_id)
+            out_ids[:, t] = token
+            out_lp[:, t] = logprobs.gather(-1, token[:, None]).squeeze(-1)
+            live &= ~torch.isin(token, eos)
+            if stop_check is not None and live.any():
+                live &= ~stop_check(out_ids[:, : t + 1], live)
+            if not live.any():
+                return out_ids[:, : t + 1], out_lp[:, : t + 1]
+    return out_ids, out_lp
+
+
+def _draw(logprobs: Tensor, top_p: float) -> Tensor:
+    probs = logprobs.exp()
+    if top_p < 1.0:  # nucleus: the smallest set of most likely ids whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _prefill(model, body, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens: int) -> _Prefix:
+    """Every prompt but its last token through the model once (the last one is decode step 0)."""
+    cache = dynamic_cache(model.config)
+    mask = attention[:, :-1]
+    if mask.shape[1]:
+        body(
+            input_ids=input_ids[:, :-1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    prompts, device = input_ids.shape[0], input_ids.device
+    empty = torch.zeros((prompts, kv_heads, 0, head_dim), dtype=dtype, device=device)
+    keys = [layer.keys for layer in cache.layers] if mask.shape[1] else [empty] * layers
+    values = [layer.values for layer in cache.layers] if mask.shape[1] else [empty] * layers
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask == 0, float("-inf"))
+
+    def buffer():
+        return torch.zeros((prompts * n, kv_heads, max_new_tokens, head_dim), dtype=dtype, device=device)
+
+    return _Prefix(
+        keys,
+        values,
+        bias[:, None, None, :],
+        [buffer() for _ in range(layers)],
+        [buffer() for _ in range(layers)],
+        n,
+    )
