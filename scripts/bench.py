@@ -127,7 +127,48 @@ def step_cases(model_dir: Path, args) -> dict[str, dict]:
         ),
         "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
         "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
+        "trl defaults + host memory reuse": dict(
+            trl, bf16=True, gradient_checkpointing=True, reuse_host_memory=True
+        ),
     }
+
+
+CASE_KEYS = {  # --cases names for the step cases' labels
+    "ours": "ours fp32",
+    "trl": "trl defaults (bf16, grad ckpt)",
+    "ours-compiled": "ours fp32 compiled",
+    "ours-bf16": "ours bf16",
+    "trl-fp32": "trl fp32",
+    "trl-reuse": "trl defaults + host memory reuse",  # trainer.reuse_host_memory's malloc setting in TRL's process
+}
+
+
+def pick_cases(cases: dict[str, dict], wanted: str) -> dict[str, dict]:
+    """The cases named in `wanted` (comma-separated CASE_KEYS), in their usual order; all for ""."""
+    keys = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [k for k in keys if k not in CASE_KEYS]
+    if unknown:
+        sys.exit(f"--cases: unknown {unknown}; choose from {', '.join(CASE_KEYS)}")
+    labels = {CASE_KEYS[k] for k in keys}
+    return {k: v for k, v in cases.items() if not labels or k in labels}
+
+
+def pool_rounds(runs: list[dict]) -> dict:
+    """One case run in several rounds (processes, interleaved with the other cases, so that a slow spell
+    of the shared machine hits every case): the median over all timed steps of every round."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    if len(runs) == 1:
+        return runs[0]
+    out = {
+        k: statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v
+        for k, v in runs[0].items()
+    }
+    out["steps"] = [step for r in runs for step in r["steps"]]
+    out["step"] = statistics.median(out["steps"])
+    out["peak_rss"] = max(r["peak_rss"] for r in runs)
+    return out
 
 
 def learner_fraction(r: dict, name: str) -> tuple[float, float]:
@@ -140,7 +181,8 @@ def learner_fraction(r: dict, name: str) -> tuple[float, float]:
 def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
     print(
         f"\n### One training step: {args.prompts} prompts × {args.group_size} samples × "
-        f"{args.max_new_tokens} new tokens, β = 0, 1 torch thread (median of {args.steps} steps)\n"
+        f"{args.max_new_tokens} new tokens, β = 0, 1 torch thread (median of {args.steps} steps"
+        f"{f' × {args.rounds} rounds' if args.rounds > 1 else ''})\n"
     )
     print(
         "| model | runner | generate s | verify s | old/ref s | update s | sync s | step s | vs TRL defaults "
@@ -223,6 +265,14 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed steps per case first (torch.compile compiles in them)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the case list this many times, interleaved; pool the steps"
+    )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help=f"comma-separated cases to run (default all): {', '.join(CASE_KEYS)}",
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -256,8 +306,12 @@ def main() -> None:
             paths = build_models(Path(tmp), names)
             results = {}
             for name in names:
-                cases = step_cases(paths[name], args)
-                results[name] = {label: run_case(python, spec) for label, spec in cases.items()}
+                cases = pick_cases(step_cases(paths[name], args), args.cases)
+                rounds = [
+                    {label: run_case(python, spec) for label, spec in cases.items()}
+                    for _ in range(args.rounds)
+                ]
+                results[name] = {label: pool_rounds([r[label] for r in rounds]) for label in cases}
             print_step_table(results, args)
             first = next((r for runs in results.values() for r in runs.values() if "trl_version" in r), None)
             if first:

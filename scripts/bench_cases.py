@@ -68,6 +68,7 @@ def matmul_params(model) -> int:
 
 def ours(case: dict) -> dict:
     """Phases of `train.run`'s step: generate, verify, old/ref log-probs, update, weight sync."""
+    from trgrpo import host
     from trgrpo.algo.advantages import group_advantages
     from trgrpo.learner.learner import Learner
     from trgrpo.models import context_limit, load_policy
@@ -81,8 +82,7 @@ def ours(case: dict) -> dict:
 
     cfg = compose(case["overrides"])
     t, r = cfg.trainer, cfg.rollout
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
+    host.configure(t.threads, t.reuse_host_memory)
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
     rss0 = maxrss_bytes()
@@ -186,6 +186,12 @@ def trl(case: dict) -> dict:
     from trgrpo.tasks import make_task
 
     torch.set_num_threads(case["threads"])
+    if case.get(
+        "reuse_host_memory"
+    ):  # the malloc setting this runner applies by default, for a like-for-like look
+        from trgrpo.host import reuse_freed_memory
+
+        reuse_freed_memory()
     cfg = compose(MATH_OVERRIDES)
     task = make_task(cfg.task)
     data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)

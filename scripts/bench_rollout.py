@@ -1,6 +1,7 @@
-"""Rollout throughput: the `hf` engine against the `vllm` engine, side by side in one process.
+"""Rollout throughput: the `hf` engine's two decoders and the `vllm` engine, side by side in one process.
 
-Both engines sample the same prompts (math task, chat template) with the same `Sampling` (n samples
+`hf` is the default shared-prefix decoder (rollout.hf_decode=auto), `hf-generate` is transformers'
+generate from a repeated static cache (rollout.hf_decode=generate). All engines sample the same prompts (math task, chat template) with the same `Sampling` (n samples
 per prompt, temperature 1, max_new_tokens) from the same policy, on the tiny model's architecture and
 on a ~10M-parameter Llama with the same tokenizer. The weights are freshly initialised (no warm
 start): throughput does not depend on them, and most completions run to max_new_tokens (tokens/s
@@ -8,7 +9,8 @@ counts the tokens each engine returned). Calls alternate between the engines (af
 warm-up call each) and the report gives medians. Also timed: engine start and one weight push
 (`load_weights`, what the train loop does after every optimizer step).
 
-    .venv/bin/python scripts/bench_rollout.py --threads 1   # needs vllm (make install-vllm)
+    .venv-vllm/bin/python scripts/bench_rollout.py --threads 1   # vllm: make install-vllm
+    .venv/bin/python scripts/bench_rollout.py --threads 1 --engines hf hf-generate
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from trgrpo.config import RolloutConfig, TinyConfig
 from trgrpo.records import Sampling
 
+ENGINES = ("hf", "hf-generate", "vllm")
 MODELS = {
     "tiny": TinyConfig(),  # hidden 128, 4 layers: the embedded model's architecture
     "llama-10m": TinyConfig(hidden_size=256, layers=8, heads=8, intermediate_size=1024),
@@ -52,31 +55,40 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, tokenizer, prompts, sampling: Sampling, repeats: int) -> list[dict]:
+def bench_model(
+    name: str, tokenizer, prompts, sampling: Sampling, repeats: int, names: list[str]
+) -> list[dict]:
     from trgrpo.models import _init_model
     from trgrpo.rollout.hf_engine import HFEngine
-    from trgrpo.rollout.vllm_engine import VLLMEngine
 
     model = _init_model(tokenizer, MODELS[name], seed=0).eval()
     params = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    engines = {
-        "vllm": VLLMEngine(model, tokenizer, RolloutConfig(engine="vllm"), seed=0),
-        "hf": HFEngine(model, tokenizer),
-    }
-    start_s = {"vllm": time.perf_counter() - start, "hf": 0.0}
+    engines, start_s = {}, {}
+    for key in names:
+        start = time.perf_counter()
+        if key == "vllm":
+            from trgrpo.rollout.vllm_engine import VLLMEngine
+
+            engines[key] = VLLMEngine(model, tokenizer, RolloutConfig(engine="vllm"), seed=0)
+        else:
+            engines[key] = HFEngine(model, tokenizer, decode="generate" if key == "hf-generate" else "auto")
+        start_s[key] = time.perf_counter() - start
     seconds: dict[str, list[float]] = {k: [] for k in engines}
     tokens: dict[str, list[int]] = {k: [] for k in engines}
     for engine in engines.values():
         engine.generate(prompts, sampling)  # warm-up
     for r in range(repeats):
-        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # alternate who goes first
         for key in order:
             t0 = time.perf_counter()
             out = engines[key].generate(prompts, sampling)
             seconds[key].append(time.perf_counter() - t0)
             tokens[key].append(sum(len(c.token_ids) for c in out))
-    sync = [timed(lambda: engines["vllm"].load_weights(model.named_parameters())) for _ in range(3)]
+    sync = (
+        [timed(lambda: engines["vllm"].load_weights(model.named_parameters())) for _ in range(3)]
+        if "vllm" in engines
+        else []
+    )
     rows = []
     for key in engines:
         s = statistics.median(seconds[key])
@@ -98,6 +110,7 @@ def bench_model(name: str, tokenizer, prompts, sampling: Sampling, repeats: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -111,15 +124,16 @@ def main() -> None:
     sampling = Sampling(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n, seed=0)
     rows = []
     for name in args.models:
-        rows += bench_model(name, tokenizer, prompts, sampling, args.repeats)
+        rows += bench_model(name, tokenizer, prompts, sampling, args.repeats, args.engines)
     print(
         f"\n{args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, "
         f"{torch.get_num_threads()} torch threads, median of {args.repeats} calls\n"
     )
-    print("| model | params | engine | tokens/call | s/call | tokens/s | vllm/hf | start s | sync s |")
+    base = args.engines[0]
+    print(f"| model | params | engine | tokens/call | s/call | tokens/s | vs {base} | start s | sync s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        hf = next(r for r in rows if r["model"] == row["model"] and r["engine"] == "hf")
+        hf = next(r for r in rows if r["model"] == row["model"] and r["engine"] == base)
         print(
             f"| {row['model']} | {row['params_m']:.1f}M | {row['engine']} | {row['tokens_per_call']:.0f} "
             f"| {row['seconds']:.2f} | {row['tokens_per_s']:.0f} "

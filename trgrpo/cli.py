@@ -96,12 +96,10 @@ def _show(cfg: Config, raw: DictConfig) -> None:
 
 
 def _build_tiny(cfg: Config, raw: DictConfig) -> None:
-    import torch
-
+    from trgrpo import host
     from trgrpo.models import build_tiny, tiny_seed
 
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(cfg.trainer.threads)
+    host.configure(cfg.trainer.threads, cfg.trainer.reuse_host_memory)
     path = build_tiny(cfg.model.tiny, cfg.task, seed=tiny_seed(cfg.model.tiny, cfg.seed), force=True)
     print(f"tiny model ready: {path}")
 

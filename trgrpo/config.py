@@ -190,6 +190,7 @@ class TrainerConfig:
     resume: str | None = None  # auto (newest valid checkpoint in the run dir) | a checkpoint path
     resume_force: bool = False  # resume even when the config changes the math vs the checkpoint's
     threads: int = 0  # torch intra-op threads (0 = torch's default)
+    reuse_host_memory: bool = True  # glibc keeps freed blocks ≤ 32 MB for reuse (no page faults per step)
     device: str = "auto"  # auto | cpu | cuda
     samples_per_step: int = 4  # rows written to samples.jsonl each step
     verify_workers: int = 2  # verifier processes

@@ -105,11 +105,13 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from trgrpo import host
     from trgrpo.models import context_limit, load_policy
     from trgrpo.rollout import make_engine
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
 
+    host.configure(cfg.trainer.threads, cfg.trainer.reuse_host_memory)
     e = resolve(cfg).eval
     if any(k > e.n for k in e.ks):
         raise ConfigError(f"eval.ks={e.ks} must all be ≤ eval.n={e.n}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from trgrpo import checkpoint
+from trgrpo import checkpoint, host
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
 from trgrpo.config import Config, resolve
 from trgrpo.evaluate import evaluate_examples
@@ -233,8 +233,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         status(status="finished", last_step=start)
         distributed.destroy()
         return {}
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
+    host.configure(t.threads, t.reuse_host_memory)
     seed_everything(cfg.seed)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if not hydra_cfg.exists() and main:  # called without Hydra (tests, scripts): save the config ourselves
