@@ -126,7 +126,7 @@ def sample(
     when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended."""
     body, head = decoder(model), model.get_output_embeddings()
     rows, device = input_ids.shape[0] * n, input_ids.device
-    state = _prefill(model, body, input_ids, attention, n, max_new_tokens)
+    state = _prefill(model, input_ids, attention, n, max_new_tokens)
     token = input_ids[:, -1].repeat_interleave(n)
     position = (attention.sum(-1) - 1).repeat_interleave(n)
     eos = torch.tensor(eos_ids or [-1], device=device)
@@ -166,18 +166,26 @@ def _draw(logprobs: Tensor, top_p: float) -> Tensor:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _prefill(model, body, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens: int) -> _Prefix:
-    """Every prompt but its last token through the model once (the last one is decode step 0)."""
-    cache = dynamic_cache(model.config)
+def prompt_cache(model, input_ids: Tensor, attention: Tensor):
+    """A DynamicCache of every left-padded prompt row but its last token, which is the first decode
+    step's input; None when the prompts are one token long."""
     mask = attention[:, :-1]
-    if mask.shape[1]:
-        body(
-            input_ids=input_ids[:, :-1],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-        )
+    if not mask.shape[1]:
+        return None
+    cache = dynamic_cache(model.config)
+    decoder(model)(
+        input_ids=input_ids[:, :-1],
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return cache
+
+
+def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens: int) -> _Prefix:
+    """Every prompt but its last token through the model once (the last one is decode step 0)."""
+    cache = prompt_cache(model, input_ids, attention)
     config = model.config
     layers = config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -185,8 +193,9 @@ def _prefill(model, body, input_ids: Tensor, attention: Tensor, n: int, max_new_
     dtype = next(model.parameters()).dtype
     prompts, device = input_ids.shape[0], input_ids.device
     empty = torch.zeros((prompts, kv_heads, 0, head_dim), dtype=dtype, device=device)
-    keys = [layer.keys for layer in cache.layers] if mask.shape[1] else [empty] * layers
-    values = [layer.values for layer in cache.layers] if mask.shape[1] else [empty] * layers
+    keys = [layer.keys for layer in cache.layers] if cache is not None else [empty] * layers
+    values = [layer.values for layer in cache.layers] if cache is not None else [empty] * layers
+    mask = attention[:, :-1]
     bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask == 0, float("-inf"))
 
     def buffer():
