@@ -215,3 +215,45 @@ def test_eval_with_vllm_matches_the_hf_engine(setup, tmp_path):
         for name in ("hf", "vllm")
     ]
     assert greedy[0] == greedy[1]
+
+
+def test_a_batch_over_one_step_budget_samples_as_its_parts_do(setup):
+    """A batch whose prompts exceed one engine step's token budget (the default evaluation: 128
+    prompts × 5 seeded requests) runs with whole prefills, and each request's seeded samples do not
+    depend on the batch around it: the first prompts alone sample the same tokens."""
+    from trgrpo.rollout.vllm_engine import CPU_STEP_TOKENS
+
+    _, tokenizer, _, engine = setup
+    examples = make_task(make_cfg(*FAST).task).dataset("test", 128, seed=1)
+    many = [encode_prompt(tokenizer, ex.prompt) for ex in examples]  # distinct: no prefix-cache hits
+    sampling = Sampling(temperature=1.0, max_new_tokens=8, n=4, seed=11)
+    assert sum(len(p) for p in many) * sampling.n > 2 * CPU_STEP_TOKENS
+    big = engine.generate(many, sampling)
+    small = engine.generate(many[:3], sampling)
+    assert len(big) == len(many) * sampling.n
+    assert [c.token_ids for c in big[: len(small)]] == [c.token_ids for c in small]
+    assert [c.token_ids for c in engine.generate(many, sampling)] == [c.token_ids for c in big]
+
+
+@pytest.mark.slow
+def test_a_default_sized_step_and_final_evaluation_with_vllm(tmp_path):
+    """The default step (16 prompts × 8 samples) and the default final evaluation (128 prompts,
+    greedy + 4 samples) on the fast tiny model: the sizes at which vLLM splits prefills by default."""
+    defaults = make_cfg()
+    sizes = (
+        f"trainer.prompts_per_step={defaults.trainer.prompts_per_step}",
+        f"rollout.group_size={defaults.rollout.group_size}",
+        f"task.eval_size={defaults.task.eval_size}",
+        f"trainer.eval_samples={defaults.trainer.eval_samples}",
+        "eval.ks=[1,4]",
+    )
+    cfg = make_cfg(*FAST, *sizes, "rollout=vllm", "trainer.steps=1", "trainer.eval_at_start=false")
+    assert cfg.task.eval_size >= 128 and cfg.trainer.eval_samples >= 4
+    run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        rows[-1]["step"] == 1
+        and rows[-1]["rollout/drawn"] == cfg.trainer.prompts_per_step * cfg.rollout.group_size
+    )
+    assert math.isfinite(rows[-1]["eval/math/accuracy"])
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"

