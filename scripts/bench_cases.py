@@ -82,7 +82,7 @@ def ours(case: dict) -> dict:
 
     cfg = compose(case["overrides"])
     t, r = cfg.trainer, cfg.rollout
-    host.configure(t.threads, t.reuse_host_memory)
+    host.configure(t)
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
     rss0 = maxrss_bytes()

@@ -29,6 +29,10 @@ FAST = [
     "eval.ks=[1,2]",
     "trainer.verify_workers=0",
     "logger.console=false",
+    # the tests' numerics and speed do not depend on the machine: fp32 (exact comparisons, bit-equal
+    # resumes) on one torch thread (runs in this process would otherwise set the cores it may use)
+    "trainer.precision=fp32",
+    "trainer.threads=1",
 ]
 
 

@@ -1,10 +1,11 @@
 """Bad invocations of the `trgrpo` command: each fails with a non-zero exit, no traceback, and a message
 that names the offending field or option. Run as subprocesses, all at once, in a few seconds each.
 
-Hydra reports misspelt keys, unknown group options and type errors itself (exit 1, naming the key and
-listing the available options); our own ConfigError exits 2 with "trgrpo <command>: error: ...".
-`plan` is used wherever it suffices (it loads no model); `train` for the checks a run must make
-before it trains anything; `show` for an error raised while building task data.
+Every one exits 2 with one line "trgrpo <command>: error: ...": our own ConfigError, and the errors
+Hydra raises while composing the config (misspelt keys, unknown group options with the choices a user
+may make, values of the wrong type, overrides it cannot parse), under every command and under
+multirun. `plan` is used wherever it suffices (it loads no model); `train` for the checks a run must
+make before it trains anything; `show` for an error raised while building task data.
 """
 
 from __future__ import annotations
@@ -17,16 +18,70 @@ from pathlib import Path
 
 import pytest
 
-HYDRA, OURS = 1, 2  # exit codes: Hydra's compose errors, our ConfigError
+OURS = 2  # exit code of every user error (ours and Hydra's compose errors)
+SCHEMA = "base_"  # the ConfigStore's schema entries: never offered as choices
 
 # id → (argv after `trgrpo`, exit code, fragments that must all appear in stdout + stderr)
 CASES: dict[str, tuple[list[str], int, list[str]]] = {
-    "misspelt algo key": (["plan", "algo.clip_lo=0.1"], HYDRA, ["algo.clip_lo", "not in 'AlgoConfig'"]),
-    "misspelt trainer key": (["plan", "trainer.step=3"], HYDRA, ["trainer.step", "not in 'TrainerConfig'"]),
-    "unknown algo": (["plan", "algo=ppo"], HYDRA, ["algo/ppo", "Available options", "tr_grpo", "dr_grpo"]),
-    "unknown task": (["plan", "task=chess"], HYDRA, ["task/chess", "Available options", "tool_qa"]),
-    "unknown rollout": (["plan", "rollout=sglang"], HYDRA, ["rollout/sglang", "Available options", "vllm"]),
-    "type error": (["plan", "trainer.steps=many"], HYDRA, ["trainer.steps", "'many'", "Integer"]),
+    "misspelt algo key": (
+        ["plan", "algo.clip_lo=0.1"],
+        OURS,
+        ["algo.clip_lo is not a config key", "did you mean algo.clip_low"],
+    ),
+    "misspelt trainer key": (
+        ["plan", "trainer.stepz=3"],
+        OURS,
+        ["trainer.stepz is not a config key", "did you mean trainer.steps?"],
+    ),
+    "misspelt key added with +": (
+        ["plan", "+trainer.stepz=3"],
+        OURS,
+        ["trainer.stepz is not a config key", "trainer.steps"],
+    ),
+    "misspelt top-level key": (["plan", "tasks=math"], OURS, ["tasks is not a config key", "task?"]),
+    "unknown algo": (["plan", "algo=ppo"], OURS, ["algo=ppo: no such algo", "tr_grpo", "dr_grpo"]),
+    "unknown task": (["plan", "task=maths"], OURS, ["task=maths: no such task", "logic, math, tool_qa"]),
+    "unknown rollout": (["plan", "rollout=sglang"], OURS, ["rollout=sglang: no such rollout", "hf, vllm"]),
+    "unknown experiment": (
+        ["plan", "experiment=paper_maths"],
+        OURS,
+        ["experiment=paper_maths: no such experiment", "paper_math", "sweep_cpu"],
+    ),
+    "type error": (["plan", "trainer.steps=many"], OURS, ["trainer.steps", "'many'", "Integer"]),
+    "bool type error": (["plan", "trainer.compile=maybe"], OURS, ["trainer.compile", "'maybe'", "bool"]),
+    "unparseable override": (
+        ["plan", "trainer.steps=[1"],
+        OURS,
+        ["cannot parse the override 'trainer.steps=[1'", "override_grammar"],
+    ),
+    "bare word for plan": (["plan", "outputs/x"], OURS, ["'outputs/x'", "an override is key=value"]),
+    "unknown task under show": (["show", "task=maths"], OURS, ["trgrpo show: error: task=maths", "logic"]),
+    "type error under eval": (["eval", "trainer.steps=abc"], OURS, ["trgrpo eval: error: trainer.steps"]),
+    "unknown task under multirun": (
+        ["train", "-m", "task=math,maths"],
+        OURS,
+        ["trgrpo train: error: task=maths: no such task", "logic, math, tool_qa"],
+    ),
+    "type error under multirun": (
+        ["train", "-m", "trainer.steps=1,abc"],
+        OURS,
+        ["trgrpo train: error: trainer.steps", "'abc'"],
+    ),
+    "eval of a missing run folder": (
+        ["eval", "outputs/no/such/run"],
+        OURS,
+        ["trgrpo eval: error: outputs/no/such/run does not exist", "RUN_DIR|CHECKPOINT"],
+    ),
+    "eval of a folder without checkpoints": (
+        ["eval", "."],  # the positional is eval.checkpoint: the same check as eval.checkpoint=.
+        OURS,
+        ["trgrpo eval: error: eval.checkpoint='.'", "no model (config.json) or checkpoints/step_N"],
+    ),
+    "eval checkpoint given twice": (
+        ["eval", ".", "eval.checkpoint=."],
+        OURS,
+        ["the checkpoint is given twice"],
+    ),
     "unknown agg": (
         ["plan", "algo.agg=mean"],
         OURS,
@@ -40,6 +95,7 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "unknown tis level": (["plan", "algo.tis=tokens"], OURS, ["algo.tis='tokens'", "token, sequence"]),
     "tis cap below one": (["plan", "algo.tis=token", "algo.tis_cap=0.5"], OURS, ["algo.tis_cap=0.5"]),
     "unknown precision": (["plan", "trainer.precision=fp16"], OURS, ["trainer.precision='fp16'", "bf16"]),
+    "negative threads": (["plan", "trainer.threads=-3"], OURS, ["trainer.threads=-3", "auto, a number ≥ 1"]),
     "unknown weight shape": (
         ["plan", "algo.weights.shape=cubic"],
         OURS,
@@ -126,11 +182,30 @@ def test_bad_invocation_fails_cleanly(case, results):
     argv, code, fragments = CASES[case]
     output = proc.stdout + proc.stderr
     assert proc.returncode == code, output
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
     for fragment in fragments:
         assert fragment in output, f"{fragment!r} not in:\n{output}"
-    if code == OURS:
-        assert "error:" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr  # one line
+    assert SCHEMA not in errors[0], errors[0]  # schema entries are not offered as choices
     if argv[0] == "train":  # failed before training: no metrics, no checkpoint
         assert not list(cwd.rglob("metrics.jsonl"))
         assert not list(cwd.rglob("checkpoints"))
+
+
+def _model_row(*overrides: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trgrpo", "plan", *overrides], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return next(line for line in proc.stdout.splitlines() if line.strip().startswith("model "))
+
+
+def test_plan_names_the_model_it_loads(tmp_path):
+    """model.path replaces the default tiny preset: plan shows the path, not the word tiny."""
+    assert "tiny: built" in _model_row()
+    row = _model_row(f"model.path={tmp_path}")
+    assert f"{tmp_path} (local folder)" in row and "tiny" not in row, row
+    assert "qwen2.5-0.5b-instruct: Qwen/Qwen2.5-0.5B-Instruct (hub id)" in _model_row(
+        "model=qwen2.5-0.5b-instruct"
+    )

@@ -45,6 +45,15 @@ STEP = (
     "trainer.share_prompts=false",  # sharded learners do not share prompt passes: the same float path
 )
 SPLIT = 12  # rank 0 steps on the first three groups, rank 1 on the last: uneven micro-batch counts
+# One plain SGD step without clipping: the update is -lr × the rank-averaged gradient, a linear map, so
+# the 2-rank and 1-process updates differ only by float32 reduction order, while a gradient summed
+# instead of averaged over ranks doubles it. lr 1 makes the update the gradient itself: at lr 1e-3 the
+# float32 rounding of p + update (one ulp of a parameter, ~1e-7) would be ~1e-4 of the update.
+SGD_STEP = (*STEP, "trainer.ppo_epochs=1", "trainer.max_grad_norm=1e9")
+SGD_LR = 1.0
+# The same SGD step with tr_grpo_norm: one pass, so the mean weight is taken over both ranks' tokens
+# after the backward passes and the sharded gradient is scaled by its inverse (Learner.backward).
+NORM_STEP = (*SGD_STEP, "algo=tr_grpo_norm")
 
 
 def _learner(cfg, model, tokenizer, *, shard: bool = False) -> Learner:
@@ -59,6 +68,14 @@ def _learner(cfg, model, tokenizer, *, shard: bool = False) -> Learner:
         pad_id=tokenizer.pad_token_id,
         shard=shard,
     )
+
+
+def _plain_sgd(learner: Learner, lr: float) -> Learner:
+    """Swap AdamW for SGD at a constant lr (no momentum, no decay, no warm-up)."""
+    params = [p for group in learner.optimizer.param_groups for p in group["params"]]
+    learner.optimizer = torch.optim.SGD(params, lr=lr)
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda _: 1.0)
+    return learner
 
 
 def _batch(model, tokenizer, cfg) -> tuple[list[Rollout], torch.Tensor]:
@@ -76,8 +93,9 @@ def _batch(model, tokenizer, cfg) -> tuple[list[Rollout], torch.Tensor]:
     return rollouts, group_advantages(rewards.view(-1, g)).view(-1)
 
 
-def _worker(rank: int, port: int, cfg, data: Path, out: Path) -> None:
-    """One rank: a sharded learner steps on its share of the batch, then writes a sharded checkpoint."""
+def _worker(rank: int, port: int, cfg, sgd_cfg, norm_cfg, data: Path, out: Path) -> None:
+    """One rank: a sharded learner steps on its share of the batch, then writes a sharded checkpoint;
+    then a fresh sharded model takes one plain SGD step on the same share, and one with tr_grpo_norm."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -101,8 +119,18 @@ def _worker(rank: int, port: int, cfg, data: Path, out: Path) -> None:
         tokenizer=tokenizer,
         trainer_state=checkpoint.trainer_state(learner, PromptSampler(8, 0), {}),
     )
+    model, tokenizer = load_policy(sgd_cfg.model, sgd_cfg.task, seed=sgd_cfg.seed)
+    learner = _plain_sgd(_learner(sgd_cfg, model, tokenizer, shard=True), SGD_LR)
+    learner.step(rollouts[mine], advantages[mine], group_size=sgd_cfg.rollout.group_size)
+    sgd_params = {name: t.clone() for name, t in fsdp.full_parameters(model)}
+    model, tokenizer = load_policy(norm_cfg.model, norm_cfg.task, seed=norm_cfg.seed)
+    learner = _plain_sgd(_learner(norm_cfg, model, tokenizer, shard=True), norm_cfg.trainer.lr)
+    norm_metrics = learner.step(rollouts[mine], advantages[mine], group_size=norm_cfg.rollout.group_size)
+    norm_params = {name: t.clone() for name, t in fsdp.full_parameters(model)}
     if rank == 0:
-        torch.save({"metrics": metrics, "params": params}, out / "result.pt")
+        saved = {"metrics": metrics, "params": params, "sgd_params": sgd_params}
+        saved.update(norm_metrics=norm_metrics, norm_params=norm_params)
+        torch.save(saved, out / "result.pt")
     distributed.destroy()
 
 
@@ -114,11 +142,12 @@ def _free_port() -> int:
 
 def test_two_ranks_make_the_one_process_update_and_a_checkpoint_one_process_loads(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    cfg = make_cfg(*STEP)
+    cfg, sgd_cfg = make_cfg(*STEP), make_cfg(*SGD_STEP)
     rollouts, advantages = _batch(model, tokenizer, cfg)
     data = tmp_path / "batch.pkl"
     data.write_bytes(pickle.dumps((rollouts, advantages)))
-    mp.spawn(_worker, args=(_free_port(), cfg, data, tmp_path), nprocs=WORLD)
+    norm_cfg = make_cfg(*NORM_STEP)
+    mp.spawn(_worker, args=(_free_port(), cfg, sgd_cfg, norm_cfg, data, tmp_path), nprocs=WORLD)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
 
     one = copy.deepcopy(model)
@@ -129,11 +158,43 @@ def test_two_ranks_make_the_one_process_update_and_a_checkpoint_one_process_load
     assert expected["train/tokens"] > 50 and abs(expected["loss/policy"]) > 1e-4
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # The update itself, where it is linear in the gradient: one SGD step. Its largest entry sets the
+    # scale; float32 reduction order (other micro-batch shapes, a gloo all-reduce) moves entries by
+    # ≤ 1e-6 of it (measured 7e-7), and a gradient summed over the 2 ranks instead of averaged would move them by 1.0.
+    sgd = _plain_sgd(_learner(sgd_cfg, copy.deepcopy(model), tokenizer), SGD_LR)
+    sgd.step(rollouts, advantages, group_size=sgd_cfg.rollout.group_size)
+    updates = {
+        name: p.detach() - q.detach()
+        for (name, p), q in zip(sgd.model.named_parameters(), model.parameters())
+    }
+    scale = max(float(u.abs().max()) for u in updates.values())
+    assert scale > 1e-2  # a real step
+    for name, q in model.named_parameters():
+        sharded_update = result["sgd_params"][name] - q.detach()
+        assert torch.allclose(sharded_update, updates[name], atol=1e-4 * scale, rtol=0), name
+    # tr_grpo_norm: the 2-rank metrics (grad norm included) and SGD update are the one-process ones;
+    # weights/mean is 1 and weights/raw_mean the mean over both ranks' tokens.
+    norm = _plain_sgd(_learner(norm_cfg, copy.deepcopy(model), tokenizer), norm_cfg.trainer.lr)
+    expected = norm.step(rollouts, advantages, group_size=norm_cfg.rollout.group_size)
+    got = result["norm_metrics"]
+    assert got.keys() == expected.keys() and expected["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert 1.0 + 1e-3 < expected["weights/raw_mean"] < 1.4
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for (name, p), q in zip(norm.model.named_parameters(), model.parameters()):
+        sharded_update = result["norm_params"][name] - q.detach()
+        assert torch.allclose(sharded_update, p.detach() - q.detach(), atol=1e-4 * scale, rtol=0), name
+
+    # Two AdamW steps: Adam divides each entry by its own gradient scale, so an entry whose gradient is
+    # near zero turns a reduction-order difference of ~1e-7 relative into a visible fraction of lr
+    # (measured: up to 1.5e-3 × lr). Every entry moves at most ~lr per step, so 1e-2 × lr still catches
+    # a parameter that missed a micro-batch, a shard or a step (the SGD check above catches scaling).
     trained = result["params"]
     moved = max(float((p - q).detach().abs().max()) for p, q in zip(one.parameters(), model.parameters()))
-    assert moved > 1e-3  # two Adam steps at lr 1e-3: a difference of 1e-6 below is not noise
+    lr = cfg.trainer.lr
+    assert moved > lr  # two Adam steps at lr 1e-3: entries moved by up to ~2 lr
     for name, p in one.named_parameters():
-        assert torch.allclose(trained[name], p, atol=1e-6, rtol=0), name
+        assert torch.allclose(trained[name], p, atol=1e-2 * lr, rtol=0), name
 
     step = tmp_path / "checkpoints" / "step_1"
     assert (step / checkpoint.SHARDED_DIR).is_dir() and checkpoint.list_checkpoints(step.parent) == [step]

@@ -1,6 +1,7 @@
 """`trgrpo eval` end to end on the fast tiny model: a run directory resolves to its newest checkpoint,
 eval.json holds greedy accuracy, avg@n and pass@k with CIs and a by-level breakdown that agree with
-the per-sample rows in eval_samples.jsonl; bad checkpoints are clear errors."""
+the per-sample rows in eval_samples.jsonl; bad checkpoints are clear errors. `trgrpo eval RUN_DIR` takes the run positionally (as `report` does)
+or as eval.checkpoint=<dir>."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_trgrpo_eval_command_writes_its_files(trained, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "trgrpo", "eval", *FAST, f"eval.checkpoint={trained}", "eval.size=4",
+            sys.executable, "-m", "trgrpo", "eval", str(trained), *FAST, "eval.size=4",
             "eval.n=2", "eval.ks=[1,2]", f"hydra.run.dir={out}",
         ],
         capture_output=True, text=True, timeout=300,
@@ -76,7 +77,7 @@ def test_trgrpo_eval_command_writes_its_files(trained, tmp_path):
     assert "pass@2" in proc.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "trgrpo", "eval", *FAST, "eval.checkpoint=/no/such/ckpt"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,  # its Hydra run dir goes there
     )  # fmt: skip
     assert bad.returncode == 2 and "eval.checkpoint='/no/such/ckpt' does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -240,3 +240,102 @@ def test_padding_free_setting(tiny, value, expected):
         model, None, trainer=cfg.trainer, algo=cfg.algo, temperature=1.0, max_new_tokens=8, pad_id=0
     )
     assert learner.padding_free is expected
+
+
+# ------------------------------------------------------ algo.weights.normalize=mean (w / mean w)
+
+
+def _weights_learner(model, tokenizer, cfg, *, normalize, placement="loss"):
+    algo = copy.deepcopy(cfg.algo)  # tr_grpo's sigmoid weights; no KL term (no reference model)
+    algo.kl_coef, algo.weights.normalize, algo.weights.placement = 0.0, normalize, placement
+    learner = Learner(
+        model,
+        None,
+        trainer=cfg.trainer,
+        algo=algo,
+        temperature=1.0,
+        max_new_tokens=12,
+        pad_id=tokenizer.pad_token_id,
+    )
+    calls = []
+    score = learner._score
+    learner._score = lambda scorer, mbs: calls.append(len(mbs)) or score(scorer, mbs)  # count no-grad passes
+    return learner, calls
+
+
+def _step_grad(learner, model, rollouts, advantages, max_tokens, *, old=False):
+    """(metrics, flat gradient, micro-batch count) of one optimizer step's backward passes."""
+    mbs = make_microbatches(rollouts, advantages, max_tokens=max_tokens, pad_id=learner.pad_id)
+    old_lp = Learner._score(learner, learner.scorer, mbs) if old else None
+    model.zero_grad(set_to_none=True)
+    metrics = learner.backward(mbs, old_lp)
+    return metrics, torch.cat([p.grad.flatten() for p in model.parameters()]), len(mbs)
+
+
+def test_mean_normalised_weights_scale_the_step_by_one_over_the_mean_weight(tiny):
+    """Placement `loss` (the loss is linear in w): normalize=mean is the step of normalize=none divided
+    by the step's mean weight, whatever the micro-batching, with no extra forward pass; weights from
+    old log-probs (as when a batch is reused) give the same step."""
+    model, tokenizer, cfg = tiny
+    model = copy.deepcopy(model)
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=4, seed=5)
+    advantages = torch.linspace(-1.5, 1.5, len(rollouts))
+    plain, _ = _weights_learner(model, tokenizer, cfg, normalize="none")
+    m_plain, g_plain, _ = _step_grad(plain, model, rollouts, advantages, 10**6)
+    raw = m_plain["weights/mean"]
+    assert m_plain["weights/raw_mean"] == raw and m_plain["weights/constant"] == 0.0 and 1.0 < raw < 1.4
+
+    normed, calls = _weights_learner(model, tokenizer, cfg, normalize="mean")
+    m_one, g_one, n_one = _step_grad(normed, model, rollouts, advantages, 10**6)
+    m_many, g_many, n_many = _step_grad(normed, model, rollouts, advantages, 80)
+    assert n_one == 1 and n_many >= 3 and calls == []  # no extra no-grad pass
+    for m in (m_one, m_many):
+        assert m["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+        assert m["weights/raw_mean"] == pytest.approx(raw, rel=1e-6)
+        assert m["weights/max"] == pytest.approx(m_plain["weights/max"] / raw, rel=1e-6)
+        assert m["loss/policy"] == pytest.approx(m_plain["loss/policy"] / raw, rel=1e-5, abs=1e-7)
+        assert m["weights/frac_upper"] == m_plain["weights/frac_upper"]  # of the raw weights, at U = 1.4
+    assert abs(m_one["loss/policy"] - m_many["loss/policy"]) < 1e-6
+    assert torch.allclose(g_one, g_plain / raw, atol=1e-7, rtol=1e-4)
+    assert torch.allclose(g_one, g_many, atol=1e-6, rtol=1e-4)
+    normed.backward(make_microbatches(rollouts, advantages, max_tokens=80, pad_id=normed.pad_id))
+    again = torch.cat([p.grad.flatten() for p in model.parameters()])  # accumulates: not rescaled
+    assert torch.allclose(again, g_many + g_one, atol=1e-6, rtol=1e-4)
+    m_old, g_old, _ = _step_grad(normed, model, rollouts, advantages, 80, old=True)
+    assert m_old["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(m_old["loss/policy"] - m_one["loss/policy"]) < 1e-6
+    assert torch.allclose(g_old, g_one, atol=1e-6, rtol=1e-4)
+
+
+def test_mean_normalised_ratio_placement_equals_the_one_batch_loss_by_hand(tiny):
+    """Placement `ratio` (w inside the clip: not linear in w): one extra no-grad pass gives the step's
+    mean weight before the backward passes. The learner's step equals policy_loss on the whole batch
+    with w / mean w, whatever the micro-batching."""
+    from trgrpo.algo.losses import policy_loss
+    from trgrpo.algo.token_weights import normalize_weights, token_weights
+
+    model, tokenizer, cfg = tiny
+    model = copy.deepcopy(model)
+    rollouts = _rollouts(model, tokenizer, n_prompts=3, n=4, seed=5)
+    advantages = torch.linspace(-1.5, 1.5, len(rollouts))
+    normed, calls = _weights_learner(model, tokenizer, cfg, normalize="mean", placement="ratio")
+    m_one, g_one, _ = _step_grad(normed, model, rollouts, advantages, 10**6)
+    m_many, g_many, n_many = _step_grad(normed, model, rollouts, advantages, 80)
+    assert calls == [1, n_many]  # one no-grad pass over each step's micro-batches
+    assert m_one["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(m_one["loss/policy"] - m_many["loss/policy"]) < 1e-6
+    assert torch.allclose(g_one, g_many, atol=1e-6, rtol=1e-4)
+
+    mb = collate(rollouts, advantages, list(range(len(rollouts))), tokenizer.pad_token_id)
+    w = cfg.algo.weights
+    lp, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
+    raw = token_weights(lp, shape=w.shape, alpha=w.alpha, tau=w.tau, mu=w.mu, lower=w.lower, upper=w.upper)
+    weights = normalize_weights(raw, mb.response_mask)
+    loss, _ = policy_loss(
+        lp, None, mb.advantages, mb.response_mask, token_weights=weights, weight_placement="ratio"
+    )
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert m_one["loss/policy"] == pytest.approx(float(loss.detach()), abs=1e-6)
+    assert float((g_one - expected).norm() / expected.norm()) < 1e-4

@@ -134,3 +134,47 @@ def test_pathological_latex_is_cut_at_the_timeout():
         assert rewards[0].score == 0.0 and rewards[0].unscorable
     finally:
         pool.close()
+
+
+# The cheapest ways to earn a format bonus without answering, and answers that earn it. The bonus is 0.2.
+FORMAT_HACKS = [
+    ("57", "… which is the result of \\boxed{}.", 0.0, 0.0),  # the hack a real model found: an empty box
+    ("57", "\\boxed{ }", 0.0, 0.0),
+    ("57", "\\boxed{the}", 0.0, 0.0),  # math-verify would read a word as a product of symbols
+    ("57", "\\boxed{answer}", 0.0, 0.0),
+    ("57", "\\boxed{57} and then \\boxed{}", 0.0, 0.0),  # the last box is the answer
+    ("57", "The answer is 57.", 0.0, 0.0),
+    ("57", "\\boxed{56}", 0.2, 1.0),  # a wrong number is still an answer in the right form
+    ("57", "\\boxed{57}", 1.2, 1.0),
+    ("\\frac{3}{4}", "\\boxed{0.7}", 0.2, 1.0),
+    ("x^2", "\\boxed{x^2}", 1.2, 1.0),  # right without a digit: correctness implies the form
+]
+
+
+@pytest.mark.parametrize(("gold", "response", "score", "form"), FORMAT_HACKS)
+def test_format_bonus_needs_an_answer(gold, response, score, form):
+    shaped = make_task(make_cfg("task.format_reward=0.2").task)
+    reward = shaped.verify(ex(gold), response)
+    assert reward.score == pytest.approx(score)
+    assert reward.components["format"] == form
+
+
+def test_few_shot_examples_in_the_user_message_for_train_and_test():
+    shots = "task.few_shot=[{question: 'Calculate 12 + 30.', answer: 'The answer is 42.'}]"
+    plain, shot = make_task(make_cfg().task), make_task(make_cfg(shots, "task.prompt_suffix=").task)
+    for split in ("train", "test"):
+        before, after = plain.dataset(split, 3, seed=0), shot.dataset(split, 3, seed=0)
+        for a, b in zip(before, after):
+            question = a.prompt.removesuffix(make_cfg().task.prompt_suffix).strip()
+            assert b.prompt == f"Example: Calculate 12 + 30.\nAnswer: The answer is 42.\n\nNow: {question}"
+            assert (b.id, b.answer, b.context) == (a.id, a.answer, ())
+    assert shot.verify(after[0], f"\\boxed{{{after[0].answer}}}").score == 1.0  # the wrapped verifier
+
+
+def test_few_shot_problems_are_one_line_config_errors():
+    from trgrpo.validation import problems
+
+    found = " ".join(problems(make_cfg("task.few_shot_style=system")))
+    assert "task.few_shot_style='system' is not valid; choose one of: user, chat" in found
+    found = " ".join(problems(make_cfg("task.few_shot=[{question: q}]")))
+    assert "task.few_shot[0] needs a 'question' and an 'answer'" in found

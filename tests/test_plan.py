@@ -76,6 +76,11 @@ PRESETS = {
     "dapo": (TOKEN_MEAN, {0.5: 1.0}, {"clip range": "[0.8, 1.28]", "dynamic sampling": "on: "}),
     "ar": (TOKEN_MEAN, {0.01: 0.703, 0.5: 0.85, 0.99: 0.997}, {"shape": "linear: w = 0.3·p + 0.7"}),
     "tr_grpo_reverse": (TOKEN_MEAN, {0.01: 1.4, 0.5: 1.4, 0.9: 1.0, 0.99: 1.0}, {"shape": "reverse: "}),
+    "tr_grpo_norm": (
+        TOKEN_MEAN,
+        {0.01: 1.0, 0.05: 1.0, 0.2: 1.216, 0.3: 1.374, 0.5: 1.4, 0.99: 1.4},  # before normalisation
+        {"normalize": "mean: w ← w / mean w over the optimizer step's response tokens"},
+    ),
 }
 
 
@@ -96,6 +101,24 @@ def test_plan_of_each_algo_preset(algo):
         assert fragment in row(lines, key)
     assert not any(CONSTANT in line for line in lines)  # no preset is GRPO in disguise
     assert lines[-1].startswith("config valid")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "text"),
+    [
+        ([], "none: w as the formula gives it (the paper)"),
+        (["algo=tr_grpo_norm"], "divided by the mean after the backward passes (no extra cost)"),
+        (["algo=tr_grpo_norm", "trainer.ppo_epochs=2"], "from the old log-probs scored before the updates"),
+        (
+            ["algo=tr_grpo_norm", "algo.weights.placement=ratio"],
+            "one extra no-grad forward per optimizer step",
+        ),
+        (["algo=tr_grpo_norm", "algo.weights.weight_kl=false"], "one extra no-grad forward"),
+        (["algo=grpo", "algo.weights.normalize=mean"], "mean (no effect: algo.weights.shape=none"),
+    ],
+)
+def test_plan_explains_weight_normalisation_and_its_cost(overrides, text):
+    assert text in row(plan_lines(make_cfg(*overrides)), "normalize")
 
 
 def test_tr_grpo_reference_points_read_as_the_paper_reading():
@@ -263,6 +286,10 @@ def test_sweep_cpu_is_the_documented_grid():
         (["algo=ar", "algo.weights.alpha=1.5"], "algo.weights.alpha=1.5 must be in [0, 1]"),
         (["algo.weights.lower=-1"], "algo.weights.lower=-1.0 must be ≥ 0"),
         (["algo.weights.tau=0"], "algo.weights.tau=0.0 must be > 0"),
+        (
+            ["algo.weights.normalize=max"],
+            "algo.weights.normalize='max' is not valid; choose one of: none, mean",
+        ),
         (["eval.size=0"], "eval.size=0 must be ≥ 1"),
         (["eval.ks=[]"], "eval.ks must list at least one k"),
         (["trainer.keep_last=-1"], "trainer.keep_last=-1 must be ≥ 0"),

@@ -5,6 +5,8 @@ query/key-norm architectures too)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_cfg
@@ -158,3 +160,31 @@ def test_unknown_decoder_name_is_refused():
         "rollout.hf_decode='fast' is not valid; choose one of: auto, shared_prefix, generate" in p
         for p in found
     )
+
+
+@pytest.mark.parametrize("decode", ["shared_prefix", "generate"])
+def test_bf16_generation_runs_the_body_in_bf16_and_the_head_in_fp32(tiny, decode):
+    """trainer.precision=bf16 reaches the sampler: the body's matmuls run in bfloat16 (as the learner's
+    under autocast) and the head in float32; the weights stay float32 and fp32 sampling is unchanged."""
+    model, tokenizer, _ = tiny
+    prompts = [encode_prompt(tokenizer, f"{i} + {i + 3} =") for i in range(3)]
+    sampling = Sampling(temperature=1.0, max_new_tokens=6, n=2, seed=5)
+    seen: dict[str, set] = {"body": set(), "head": set()}
+    hooks = [
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen["body"].add(o.dtype)),
+        model.lm_head.register_forward_hook(lambda m, i, o: seen["head"].add(o.dtype)),
+    ]
+    try:
+        fp32 = HFEngine(model, tokenizer, decode=decode).generate(prompts, sampling)
+        assert seen == {"body": {torch.float32}, "head": {torch.float32}}
+        seen["body"].clear(), seen["head"].clear()
+        bf16 = HFEngine(model, tokenizer, decode=decode, precision="bf16").generate(prompts, sampling)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["body"] == {torch.bfloat16}
+    if decode == "shared_prefix":
+        assert seen["head"] == {torch.float32}
+    assert next(model.parameters()).dtype == torch.float32
+    assert len(bf16) == len(fp32) and all(all(map(math.isfinite, c.logprobs)) for c in bf16)
+    assert fp32 == HFEngine(model, tokenizer, decode=decode).generate(prompts, sampling)

@@ -32,6 +32,7 @@ REWARD_BASE = {
     ("math", "tr_grpo"): 0.4,
 }
 GRAD_HIGH = {"grpo": 3.0, "tr_grpo": 2.0}  # grad norm alternates a·1, a·high with a = 1 + seed
+# weights/mean: 1 for grpo; for tr_grpo 1.2 + 0.01·seed on odd steps and + 0.02 more on even ones
 BUCKETS = ("p0-0.1", "p0.1-0.5", "p0.5-0.9", "p0.9-1")
 FIGURES = {f"{kind}_{task}.png" for kind in ("reward", "eval_accuracy", "grad_norm", "weights", "buckets")
            for task in ("logic", "math")}  # fmt: skip
@@ -57,7 +58,7 @@ def _record(task: str, algo: str, seed: int, step: int, final: float, eval_json:
         "reward/mean": REWARD_BASE[(task, algo)] + 0.01 * seed + step / 100,
         "reward/std": 0.3,
         "train/grad_norm": a * (1.0 if step % 2 else GRAD_HIGH[algo]),
-        "weights/mean": 1.0 if algo == "grpo" else 1.2,
+        "weights/mean": 1.0 if algo == "grpo" else 1.2 + 0.01 * seed + (0.0 if step % 2 else 0.02),
         "weights/min": 1.0,
         "weights/max": 1.0 if algo == "grpo" else 1.4,
     }
@@ -169,6 +170,9 @@ def test_group_table_numbers(report: tuple[Path, list[Path]]) -> None:
         _check(row, "final_reward", _ci([REWARD_BASE[(task, algo)] + 0.01 * s + 0.195 for s in SEEDS]))
         high = GRAD_HIGH[algo]
         _check(row, "grad_norm_mean", _ci([(1 + s) * (1 + high) / 2 for s in SEEDS]))
+        # mean over 20 steps: 1.2 + 0.01·seed + 0.02/2 = 1.21, 1.22, 1.23 for tr_grpo; 1 for grpo
+        weights = [1.0] * 3 if algo == "grpo" else [1.21 + 0.01 * s for s in SEEDS]
+        _check(row, "weight_mean", _ci(weights))
         # 19 diffs: 10 × +d, 9 × −d with d = a·(high − 1): mean d/19, var d² − (d/19)²
         diff_var = [((1 + s) * (high - 1)) ** 2 * (1 - 1 / 361) for s in SEEDS]
         _check(row, "grad_norm_diff_var", _ci(diff_var))
@@ -187,6 +191,8 @@ def test_paired_differences(report: tuple[Path, list[Path]]) -> None:
         assert float(row["mean_diff"]) == pytest.approx(0.1)
         row = rows[(f"{task}/tr_grpo", "grad_norm_mean")]
         assert float(row["mean_diff"]) == pytest.approx((1.5 - 2.0) * 2)  # a·(1+high)/2, mean a = 2
+        row = rows[(f"{task}/tr_grpo", "weight_mean")]
+        assert float(row["mean_diff"]) == pytest.approx(0.22)  # mean of 1.21, 1.22, 1.23 minus 1
 
 
 def test_markdown_tables_and_excluded_runs(report: tuple[Path, list[Path]]) -> None:
@@ -197,6 +203,10 @@ def test_markdown_tables_and_excluded_runs(report: tuple[Path, list[Path]]) -> N
     assert f"15 runs found under `{out.parent.resolve()}`; 12 in the tables, 3 not included" in text
     assert "`eval.json` (runs: 11), else the last `eval/<task>/accuracy` in metrics.jsonl (runs: 1;" in text
     assert "Final reward: mean of the last 10% of logged steps" in text and "{" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| Group |"))
+    assert "| Final reward/mean | Mean weight | Grad norm mean |" in header  # the weight next to grad norm
+    # math/tr_grpo: mean weight 1.220 ± T2·0.01/√3, then grad norm 1.5·(1, 2, 3) → 3.000 ± T2·1.5/√3
+    assert f"| 1.220 ± {T2 * 0.01 / math.sqrt(3):.3f} | 3.000 ± {T2 * 1.5 / math.sqrt(3):.3f} |" in text
     assert (
         "## Paired differences against grpo" in text
         and "| math | math/tr_grpo | math/grpo | final_accuracy |" in text
@@ -272,3 +282,27 @@ def test_bucket_weight_mean_is_token_weighted_and_skips_empty_steps() -> None:
 
     assert bucket_weight_mean(group_of(rows), "b") == pytest.approx(1.15)
     assert math.isnan(bucket_weight_mean(group_of(rows[2:]), "b"))
+
+
+def test_reward_figure_puts_each_part_of_the_reward_beside_it() -> None:
+    from trgrpo.report_plots import plot_reward, reward_parts
+    from trgrpo.report_runs import Group, Run
+
+    # a gamed run: reward rises through its format part while reward/correct stays at 0
+    metrics = [
+        {
+            "step": s,
+            "reward/mean": 0.2 * s / 9,
+            "reward/std": 0.1,
+            "reward/format": s / 9,
+            "reward/correct": 0.0,
+        }
+        for s in range(10)
+    ]
+    run = Run(Path("r"), "math", "grpo", 0, {}, metrics, None, ())
+    group = Group("math", "grpo", (), (run,))
+    assert reward_parts([group]) == ["reward/correct", "reward/format"]
+    fig = plot_reward([group], "math", 1)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 3 and "reward/correct" in titles[1] and "reward/format" in titles[2]
+    assert list(fig.axes[1].lines[0].get_ydata()) == [0.0] * 10

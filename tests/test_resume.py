@@ -1,7 +1,8 @@
 """Exact resume: a `trgrpo train` killed with SIGKILL and resumed with trainer.resume=auto logs exactly
 what an uninterrupted run with the same seed logs (every non-time metric, bit for bit, no duplicate or
 torn rows); half-written checkpoints are never picked up; a config that changes the math is refused,
-naming the keys, unless trainer.resume_force=true.
+naming the keys, unless trainer.resume_force=true; trainer_state.pt loads with weights_only=True, so one
+holding a pickled object is refused without running it.
 """
 
 from __future__ import annotations
@@ -218,3 +219,32 @@ def test_resume_refuses_a_changed_config_unless_forced(tiny, tmp_path, caplog):
     # Resuming a finished run at its own length: nothing to do, nothing logged twice.
     assert run(make_cfg(*FAST, "trainer.steps=4", "trainer.lr=0.002", "trainer.resume=auto"), tmp_path) == {}
     assert [r["step"] for r in comparable(tmp_path)] == [1, 2, 3, 4]
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): the marker file appears if the pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_state_file_holding_a_pickled_object_is_refused(tmp_path):
+    import torch
+
+    ckpt, marker = tmp_path / "ckpt" / "step_1", tmp_path / "pickle-ran"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "sampler": _Payload(marker)}, ckpt / checkpoint.STATE_FILE)
+    with pytest.raises(ConfigError, match=r"not a tensor or plain value \([\w.]*open\): refused"):
+        checkpoint.load_state(ckpt)
+    assert not marker.exists()
+
+    proc = start_train(tmp_path / "run", f"trainer.resume={ckpt}")
+    out = finish(proc)
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "trgrpo train: error: trainer.resume:" in errors[0], out[-3000:]
+    assert "trainer_state.pt holds an object that is not a tensor or plain value" in errors[0]
+    assert "Traceback" not in out and not marker.exists()

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from trgrpo.algo.token_weights import SHAPES, token_weights, weight_curve, weight_stats
+from trgrpo.algo.token_weights import (
+    SHAPES,
+    mean_scale,
+    normalize_weights,
+    token_weights,
+    weight_curve,
+    weight_stats,
+)
 
 
 def _logp(probs):
@@ -132,3 +139,48 @@ def test_weight_stats_with_sigmoid_weights_clipped_share():
     stats = weight_stats(w, torch.ones(1, 3, dtype=torch.bool), lower=1.0, upper=1.4)
     assert stats["weights/frac_lower"] == pytest.approx(1 / 3, abs=1e-7)
     assert stats["weights/frac_upper"] == pytest.approx(1 / 3, abs=1e-7)
+
+
+# ------------------------------------------------------------------ normalize: mean (w / mean w)
+
+
+def test_mean_normalisation_by_hand():
+    # weights 1, 1.4, 1.4 (99 is padding): mean 3.8 / 3 = 1.2666667
+    # → 1 / 1.2666667 = 0.7894737, 1.4 / 1.2666667 = 1.1052632; their mean is exactly 1
+    weights = torch.tensor([[1.0, 1.4], [1.4, 99.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    out = normalize_weights(weights, mask)
+    torch.testing.assert_close(out[mask], torch.tensor([0.7894737, 1.1052632, 1.1052632]), rtol=0, atol=1e-6)
+    assert out[mask].mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert out.dtype == torch.float32 and not out.requires_grad
+
+
+def test_mean_normalisation_with_the_global_sum_and_count():
+    # the learner passes the optimizer step's sums: 5.0 over 4 tokens → mean 1.25 → 1 → 0.8, 1.4 → 1.12
+    weights = torch.tensor([[1.0, 1.4]])
+    out = normalize_weights(weights, torch.ones(1, 2, dtype=torch.bool), weight_sum=5.0, tokens=4.0)
+    torch.testing.assert_close(out, torch.tensor([[0.8, 1.12]]), rtol=0, atol=1e-6)
+
+
+def test_mean_scale_by_hand_and_its_edge_cases():
+    assert mean_scale(3.8, 3.0) == pytest.approx(3 / 3.8, rel=1e-12)  # 0.7894737
+    assert mean_scale(0.0, 0.0) == 1.0  # no token: nothing to normalise
+    assert mean_scale(0.0, 5.0) == 1.0  # every weight 0: no mean to divide by (the loss is 0 anyway)
+
+
+def test_weight_stats_of_normalised_weights_keep_the_raw_scale():
+    # raw 1, 1.4, 1.4: mean 1.2666667, population std sqrt(0.32)/3 = 0.1885618; scale 1/1.2666667
+    # → mean 1, std 0.1885618/1.2666667 = 0.1488646, min 0.7894737, max 1.1052632; the shares at the
+    # clip bounds are of the raw weights (1 of 3 at L = 1, 2 of 3 at U = 1.4)
+    raw = torch.tensor([[1.0, 1.4, 1.4]])
+    stats = weight_stats(raw, torch.ones(1, 3, dtype=torch.bool), lower=1.0, upper=1.4, scale=3 / 3.8)
+    assert stats["weights/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["weights/std"] == pytest.approx(0.1488646, abs=1e-6)
+    assert stats["weights/min"] == pytest.approx(0.7894737, abs=1e-6)
+    assert stats["weights/max"] == pytest.approx(1.1052632, abs=1e-6)
+    assert stats["weights/raw_mean"] == pytest.approx(1.2666667, abs=1e-6)
+    assert stats["weights/frac_lower"] == pytest.approx(1 / 3, abs=1e-7)
+    assert stats["weights/frac_upper"] == pytest.approx(2 / 3, abs=1e-7)
+    assert stats["weights/constant"] == 0.0
+    plain = weight_stats(raw, torch.ones(1, 3, dtype=torch.bool), lower=1.0, upper=1.4)
+    assert plain["weights/raw_mean"] == plain["weights/mean"] == pytest.approx(1.2666667, abs=1e-6)

@@ -14,7 +14,7 @@ from trgrpo.config import ConfigError
 from trgrpo.models import build_tiny, load_policy
 from trgrpo.train import run
 
-ALGOS = ["grpo", "tr_grpo", "dr_grpo", "dapo", "ar", "tr_grpo_reverse"]
+ALGOS = ["grpo", "tr_grpo", "dr_grpo", "dapo", "ar", "tr_grpo_reverse", "tr_grpo_norm"]
 REQUIRED = [
     "reward/mean",
     "reward/std",
@@ -58,6 +58,8 @@ def test_two_steps_change_parameters_with_finite_metrics(algo, tmp_path):
         for key in REQUIRED:
             assert key in row, key
             assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row[key])
+        if algo == "tr_grpo_norm":  # the logged weights are normalised; the raw scale is logged too
+            assert row["weights/mean"] == pytest.approx(1.0, abs=1e-6) and row["weights/raw_mean"] > 1.0
     assert any(k.startswith("eval/math/") for k in rows[-1])
     after, _ = load_policy(cfg.model.__class__(path=str(tmp_path / "checkpoints" / "step_2")), cfg.task)
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]

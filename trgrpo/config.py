@@ -30,6 +30,11 @@ class TaskConfig:
     tiny_warmstart_steps: int = (
         450  # supervised steps the tiny model needs here (model.tiny.warmstart_steps=0)
     )
+    # Worked examples shown before every prompt, the same in training and evaluation: a list of
+    # {question, answer}; few_shot_style `user` puts them in the user message ("Example: …\nAnswer: …"),
+    # `chat` as earlier user/assistant turns of the chat template.
+    few_shot: list[dict[str, str]] = field(default_factory=list)
+    few_shot_style: str = "user"  # user | chat
 
 
 @dataclass
@@ -50,6 +55,7 @@ class MathTaskConfig(TaskConfig):
     question_field: str = "question"  # column holding the problem text
     answer_field: str = "answer"  # column holding the gold answer
     answer_format: str = "raw"  # raw | gsm8k (gold after '####') | boxed (gold in \boxed{} of a solution)
+    prompt_suffix: str = "Let's think step by step and output the final answer within \\boxed{}."
 
 
 @dataclass
@@ -97,6 +103,7 @@ class WeightsConfig:
     mu: float = 0.25  # sigmoid/reverse: offset μ
     lower: float = 1.0  # clip floor L of the weight
     upper: float = 1.4  # clip ceiling U of the weight
+    normalize: str = "none"  # none (the paper) | mean: w / mean w over the optimizer step's tokens
 
 
 @dataclass
@@ -175,7 +182,9 @@ class TrainerConfig:
     minibatches: int = 1  # optimizer steps per batch and epoch
     max_tokens_per_microbatch: int = 8192  # padded prompt+response tokens per forward/backward
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no [B, T, V] float32 tensor)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the learner's forward/backward; fp32 master weights)
+    # auto | fp32 | bf16: autocast of the learner's forward/backward (fp32 master weights); auto = bf16
+    # on a GPU that supports it, on CPU where a matmul probe at start finds bf16 faster (trgrpo/host.py)
+    precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     share_prompts: bool = True  # learner: one body pass per distinct prompt, its G samples continue from it
     # packed micro-batches (one row, no padding): auto = where the model's attention has varlen kernels
@@ -189,7 +198,7 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept
     resume: str | None = None  # auto (newest valid checkpoint in the run dir) | a checkpoint path
     resume_force: bool = False  # resume even when the config changes the math vs the checkpoint's
-    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    threads: Any = "auto"  # torch intra-op threads: auto (the cores this process may use) | N | 0 = torch's
     reuse_host_memory: bool = True  # glibc keeps freed blocks ≤ 32 MB for reuse (no page faults per step)
     device: str = "auto"  # auto | cpu | cuda
     samples_per_step: int = 4  # rows written to samples.jsonl each step

@@ -111,7 +111,7 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
 
-    host.configure(cfg.trainer.threads, cfg.trainer.reuse_host_memory)
+    host.configure(cfg.trainer)  # the model is evaluated on the CPU (load_policy's device)
     e = resolve(cfg).eval
     if any(k > e.n for k in e.ks):
         raise ConfigError(f"eval.ks={e.ks} must all be ≤ eval.n={e.n}")
@@ -121,7 +121,7 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     out_dir = out_dir or Path(HydraConfig.get().runtime.output_dir)
     task = make_task(cfg.task)
     policy, tokenizer = load_policy(model_cfg, cfg.task, seed=cfg.seed)
-    engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed)
+    engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed, precision=cfg.trainer.precision)
     examples = task.dataset("test", e.size, cfg.task.data_seed)
     rows: list[dict[str, Any]] = []
     with (

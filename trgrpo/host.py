@@ -1,10 +1,21 @@
-"""Process-level settings for work on the host CPU: torch threads, and keeping freed memory for reuse.
+"""Process-level settings of a run: torch threads, the learner's precision, keeping freed memory for reuse.
 
-glibc hands large blocks back to the kernel when they are freed (mmap'd blocks above a moving
-threshold; the heap top above twice that). Every learner step frees its activations and allocates
-them again, so each new tensor is first-touch memory: on the ~10M bench model ~200k page faults a
-step (~800 MB zeroed by the kernel), and a SwiGLU multiply into a fresh 23 MB tensor took ~40 ms
-instead of ~7. With the mmap threshold fixed at glibc's ceiling (32 MB) and trimming only above
+`configure` applies them once at the start of every command that computes (train, eval, build-tiny,
+the bench) and writes what it resolved for `auto` back into the trainer config, so that the run
+records (run.json, the log) what it ran with:
+
+- `trainer.threads=auto`: the cores this process may use (its CPU affinity, capped by a cgroup CPU
+  quota), split among the torchrun processes of the node. A number sets it; 0 keeps torch's default.
+- `trainer.precision=auto`: on CUDA, bf16 where the GPU supports it; on CPU, bf16 only where a short
+  matmul probe (~0.05 s) finds bf16 faster than fp32. An AMD EPYC with avx512_bf16 ran bf16 matmuls
+  2-3.5x faster than fp32, an Intel Xeon with avx512_bf16 too at about half fp32's rate
+  (docs/BENCHMARKS.md): the choice comes from the measurement, never from the CPU's name or flags.
+
+Freed memory: glibc hands large blocks back to the kernel when they are freed (mmap'd blocks above a
+moving threshold; the heap top above twice that). Every learner step frees its activations and
+allocates them again, so each new tensor is first-touch memory: on the ~10M bench model ~200k page
+faults a step (~800 MB zeroed by the kernel), and a SwiGLU multiply into a fresh 23 MB tensor took
+~40 ms instead of ~7. With the mmap threshold fixed at glibc's ceiling (32 MB) and trimming only above
 1 GB of free heap, the faults after warm-up fall to ~0 (docs/BENCHMARKS.md). The cost: memory freed
 in the process stays in it (peak RSS is unchanged). Tensors above 32 MB are still mmap'd.
 """
@@ -12,21 +23,146 @@ in the process stays in it (peak RSS is unchanged). Tensors above 32 MB are stil
 from __future__ import annotations
 
 import ctypes
+import logging
+import math
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from trgrpo.config import ConfigError, TrainerConfig
+from trgrpo.validation import host_problems
+
+log = logging.getLogger("trgrpo")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
 
-def configure(threads: int, reuse_memory: bool) -> None:
-    """trainer.threads (> 0 sets torch's intra-op threads) and trainer.reuse_host_memory."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if reuse_memory:
+PROBE_SIZE = 512  # the probe multiplies two PROBE_SIZE × PROBE_SIZE matrices (0.27 GFLOP)
+PROBE_REPEATS = 5  # timed matmuls per dtype after one warm-up; the fastest counts
+BF16_MARGIN = 1.1  # bf16 must be this much faster: autocast adds casts, and at a tie fp32 is exact
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What `configure` applied: resolved threads and precision, the probe's rates, the log line."""
+
+    threads: int  # torch intra-op threads now in effect
+    precision: str  # fp32 | bf16
+    gflops: dict[str, float] | None  # the probe's matmul rates (fp32, bf16) when precision=auto measured them
+    line: str
+
+
+def configure(trainer: TrainerConfig, device: torch.device | str = "cpu") -> HostSettings:
+    """Apply trainer.threads, trainer.precision and trainer.reuse_host_memory to this process, once at
+    start. `auto` values are resolved (the precision probe runs with the threads just set) and written
+    back into `trainer`; invalid values raise ConfigError. Logs one line."""
+    found = host_problems(trainer)
+    if found:
+        raise ConfigError("; ".join(found))
+    device = torch.device(device)
+    if trainer.threads == "auto":
+        torch.set_num_threads(auto_threads())
+        local = _local_processes()
+        split = f" / {local} torchrun processes" if local > 1 else ""
+        threads_from = f"auto: {usable_cores()} usable cores{split}"
+    elif int(trainer.threads) > 0:
+        torch.set_num_threads(int(trainer.threads))
+        threads_from = "set"
+    else:
+        threads_from = "0: torch's default"
+    trainer.threads = torch.get_num_threads()
+    gflops = None
+    if trainer.precision == "auto":
+        trainer.precision, gflops, why = auto_precision(device)
+        precision_from = f"auto: {why}"
+    else:
+        precision_from = "set"
+    if trainer.reuse_host_memory:
         reuse_freed_memory()
+    line = (
+        f"host: torch threads {trainer.threads} ({threads_from}), "
+        f"precision {trainer.precision} ({precision_from})"
+    )
+    log.info(line)
+    return HostSettings(trainer.threads, trainer.precision, gflops, line)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (else os.cpu_count), capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup's CFS quota allows (v2 cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us);
+    None when there is no quota or it cannot be read."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _local_processes() -> int:
+    """torchrun processes on this node (LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def auto_threads() -> int:
+    """trainer.threads=auto: the usable cores, shared among the torchrun processes of this node."""
+    return max(1, usable_cores() // _local_processes())
+
+
+def matmul_rates(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict[str, float]:
+    """GFLOP/s of a size × size matmul on the CPU in fp32 and in bf16, with torch's current threads:
+    the fastest of `repeats` after a warm-up (its own generator: the global RNG is left alone)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        torch.mm(x, y)  # warm-up: kernel choice, thread pool, buffers
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, y)
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * size**3 / max(best, 1e-9) / 1e9
+    return rates
+
+
+def auto_precision(device: torch.device) -> tuple[str, dict[str, float] | None, str]:
+    """trainer.precision=auto on `device`: (fp32 | bf16, the probe's GFLOP/s or None, why)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", None, "the GPU supports bf16"
+        return "fp32", None, "the GPU lacks bf16"
+    if device.type != "cpu":
+        return "fp32", None, f"no bf16 probe on {device.type}"
+    rates = matmul_rates()
+    choice = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"
+    size = f"{PROBE_SIZE}x{PROBE_SIZE}"
+    why = f"{size} matmul fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s"
+    return choice, rates, why
 
 
 def reuse_freed_memory() -> bool:

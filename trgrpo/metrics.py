@@ -44,6 +44,37 @@ def _finite(value: Any) -> Any:
     return value
 
 
+SHAPING_MIN_STEPS = 10  # steps of history before the shaping check speaks
+SHAPING_MIN_RISE = 0.05  # a reward rise this large (first fifth → last fifth) is worth explaining
+SHAPING_SHARE = 0.25  # ... by a correctness rise of at least this share of it
+
+
+def reward_without_correctness(rewards: list[float], correct: list[float]) -> str | None:
+    """A warning when reward/mean rose while reward/correct did not keep up, else None.
+
+    Compares the means of the first and the last fifth of the steps: a reward rise of at least
+    SHAPING_MIN_RISE with a correctness rise below SHAPING_SHARE of it means a shaping term (a format
+    bonus, a length term) is what the policy is learning.
+    """
+    n = min(len(rewards), len(correct))
+    if n < SHAPING_MIN_STEPS:
+        return None
+    k = max(2, n // 5)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    r0, r1 = mean(rewards[:k]), mean(rewards[n - k : n])
+    c0, c1 = mean(correct[:k]), mean(correct[n - k : n])
+    if r1 - r0 < SHAPING_MIN_RISE or c1 - c0 >= SHAPING_SHARE * (r1 - r0):
+        return None
+    return (
+        f"reward/mean rose {r0:.3f} → {r1:.3f} (first → last fifth of {n} steps) while reward/correct "
+        f"went {c0:.3f} → {c1:.3f}: the policy is learning a shaping term, not the task (check "
+        "task.format_reward and the reward's parts in samples.jsonl)"
+    )
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -60,6 +91,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.every = max(1, total_steps // 20)
         self.warned: set[str] = set()
+        self.reward_history: tuple[list[float], list[float]] = ([], [])
         self.wandb = None
         self.progress = None
         if not enabled:
@@ -92,6 +124,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        if "reward/mean" in metrics and "reward/correct" in metrics:
+            self.reward_history[0].append(float(metrics["reward/mean"]))
+            self.reward_history[1].append(float(metrics["reward/correct"]))
+            if "shaping" not in self.warned and (message := reward_without_correctness(*self.reward_history)):
+                self.warn_once("shaping", message)
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.wandb is not None:

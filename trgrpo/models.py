@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from trgrpo.config import ConfigError, ModelConfig, TaskConfig, TinyConfig
+from trgrpo.model_files import local_model
 
 log = logging.getLogger("trgrpo")
 TINY_FORMAT = 2  # bump when the build recipe changes, so old caches are not reused
@@ -82,7 +83,7 @@ def load_policy(model: ModelConfig, task: TaskConfig, *, seed: int = 0, device: 
             raise ConfigError(f"model={model.name} needs model.path (a hub id or a local folder)")
         path = build_tiny(model.tiny, task, seed=tiny_seed(model.tiny, seed))
     else:
-        path = model.path
+        path = local_model(model.path)
         looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
         if looks_local and not Path(path).expanduser().is_dir():
             raise ConfigError(f"model.path={path!r} does not exist (give a local model folder or a hub id)")
@@ -98,14 +99,21 @@ def load_policy(model: ModelConfig, task: TaskConfig, *, seed: int = 0, device: 
     return policy.to(device), tokenizer
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a user message under the model's chat template (plain text when it has none)."""
+def encode_prompt(tokenizer, prompt: str, context: tuple[tuple[str, str], ...] = ()) -> list[int]:
+    """Token ids of a user message, after earlier (user, assistant) turns, under the model's chat
+    template (plain text, turns separated by blank lines, when it has none)."""
     if getattr(tokenizer, "chat_template", None):
+        turns = [
+            {"role": role, "content": text}
+            for user, assistant in context
+            for role, text in (("user", user), ("assistant", assistant))
+        ]
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            [*turns, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt, add_special_tokens=True)
+    earlier = "".join(f"{user}\n{assistant}\n\n" for user, assistant in context)
+    return tokenizer.encode(earlier + prompt, add_special_tokens=True)
 
 
 def context_limit(model, cfg: ModelConfig) -> int:
@@ -163,7 +171,7 @@ def _render(tokenizer, example, segments) -> tuple[list[int], list[bool]]:
     start is the tiny model's only pretraining, and predicting documents that repeat their title's
     name is what teaches it to copy names, which a tool_qa policy needs for every query and answer.
     """
-    ids = encode_prompt(tokenizer, example.prompt)
+    ids = encode_prompt(tokenizer, example.prompt, example.context)
     mask = [False] * len(ids)
     for text, _trainable in segments:
         piece = tokenizer.encode(text, add_special_tokens=False)

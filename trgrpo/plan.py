@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from trgrpo.algo.losses import LOG_RATIO_CLAMP
 from trgrpo.algo.token_weights import SHAPES, weight_curve
-from trgrpo.config import Config
+from trgrpo.config import Config, ModelConfig
+from trgrpo.model_files import PACKAGE_SCHEME
 from trgrpo.validation import problems, validate
 
 PROBES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 0.99)  # probabilities at which the weight curve is shown
@@ -115,10 +117,7 @@ def _run_rows(cfg: Config) -> list[Row]:
     )
     if hasattr(task, "max_turns"):
         task_text += f"; multi-turn: ≤ {task.max_turns} tool calls"
-    if m.path is None:
-        model_text = f"{m.name}: built, warm-started and cached on first use (not by plan)"
-    else:
-        model_text = f"{m.name}: {m.path}"
+    model_text = _model_text(m)
     engine = f"{r.engine} (temperature {r.temperature:g}, top_p {r.top_p:g}"
     engine += f", max_new_tokens {r.max_new_tokens}{' per turn' if hasattr(task, 'max_turns') else ''})"
     logger = cfg.logger.name + (f" (mode {cfg.logger.mode})" if cfg.logger.name == "wandb" else "")
@@ -130,7 +129,41 @@ def _run_rows(cfg: Config) -> list[Row]:
         ("logger", f"{logger}; metrics.jsonl always"),
         ("seed", str(cfg.seed)),
         ("device", cfg.trainer.device),
+        ("threads", _threads_text(cfg.trainer.threads)),
+        ("precision", _precision_text(cfg.trainer.precision)),
     ]
+
+
+def _model_text(m: ModelConfig) -> str:
+    """The model a run loads: the tiny preset (path null), else the path (after the preset's name,
+    unless that is the default `tiny`, which model.path replaces) and what kind of path it is."""
+    if m.path is None:
+        return f"{m.name}: built, warm-started and cached on first use (not by plan)"
+    if m.path.endswith(".gguf"):
+        package = m.path.removeprefix(PACKAGE_SCHEME).partition("/")[0]
+        kind = "GGUF" + (f" shipped by the package {package}" if m.path.startswith(PACKAGE_SCHEME) else "")
+        kind += ", converted once to a Hugging Face folder in the model cache"
+    elif m.path.startswith((".", "/", "~")) or Path(m.path).expanduser().is_dir():
+        kind = "local folder"
+    else:
+        kind = "hub id"
+    return f"{m.path} ({kind})" if m.name == "tiny" else f"{m.name}: {m.path} ({kind})"
+
+
+def _threads_text(threads: int | str) -> str:
+    if threads == "auto":
+        from trgrpo.host import auto_threads
+
+        return f"auto (resolved at start: {auto_threads()} here, the cores this process may use)"
+    return "0: torch's default" if str(threads) == "0" else str(threads)
+
+
+def _precision_text(precision: str) -> str:
+    if precision == "auto":
+        return (
+            "auto (resolved at start: bf16 on a GPU with bf16, or where a CPU matmul probe finds it faster)"
+        )
+    return precision
 
 
 def _batch_rows(cfg: Config) -> list[Row]:
@@ -250,6 +283,7 @@ def _weight_rows(cfg: Config) -> tuple[list[Row], list[str]]:
         ("p", "the token's probability before the update (old log-probs), detached: no gradient through w"),
         ("placement", placement),
         ("weight_kl", f"{str(w.weight_kl).lower()}{kl_note}"),
+        ("normalize", _normalize_text(cfg)),
     ]
     values, grid = curve(cfg), curve(cfg, _GRID)
     if values is None or grid is None:
@@ -258,6 +292,31 @@ def _weight_rows(cfg: Config) -> tuple[list[Row], list[str]]:
     w_min, w_max = min(grid), max(grid)
     rows.append(("range", f"w ∈ [{w_min:.3f}, {w_max:.3f}] over p ∈ [0, 1]"))
     return rows, _weight_warnings(cfg, grid)
+
+
+def _normalize_text(cfg: Config) -> str:
+    """What algo.weights.normalize does, and what computing the step's mean weight costs."""
+    w, a, t = cfg.algo.weights, cfg.algo, cfg.trainer
+    if w.normalize == "none":
+        return "none: w as the formula gives it (the paper); its mean (weights/mean) scales the step"
+    if w.normalize != "mean":
+        return f"unknown {w.normalize!r}"
+    if w.shape == "none":
+        return "mean (no effect: algo.weights.shape=none, every w is 1)"
+    if t.ppo_epochs > 1 or t.minibatches > 1:
+        how = "the mean comes from the old log-probs scored before the updates (no extra cost)"
+    elif w.placement == "loss" and (a.kl_coef <= 0 or w.weight_kl):
+        how = (
+            "the loss is linear in w, so the step's gradient is divided by the mean after the backward "
+            "passes (no extra cost)"
+        )
+    else:
+        how = "the mean needs p before the backward passes: one extra no-grad forward per optimizer step"
+    return (
+        "mean: w ← w / mean w over the optimizer step's response tokens (all micro-batches and ranks): "
+        f"mean weight 1, only the redistribution between tokens remains (weights/raw_mean logs the mean "
+        f"before); {how}"
+    )
 
 
 def _weight_warnings(cfg: Config, grid: list[float]) -> list[str]:

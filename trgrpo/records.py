@@ -63,6 +63,7 @@ class Example:
     answer: str  # gold answer in the form a reader checks (also what `trgrpo show` prints)
     level: str = ""  # difficulty label, for per-level evaluation breakdowns
     meta: Mapping[str, Any] = field(default_factory=dict)  # what the verifier needs beyond `answer`
+    context: tuple[tuple[str, str], ...] = ()  # earlier (user, assistant) chat turns: few-shot examples
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ Finds run directories (any folder holding `metrics.jsonl` or `run.json`) under t
 groups them by task, algorithm and every other config key that differs between runs (seed, output
 paths and logging settings excepted), and writes to `--out`:
 
-- `report.md`: per task × group, final and best eval accuracy, final reward, grad-norm mean and
-  step-to-step variance (mean ± 95% t-interval over seeds); paired differences of each algorithm
-  against `grpo` over shared seeds; links to the figures; the runs left out and why.
+- `report.md`: per task × group, final and best eval accuracy, final reward, mean token weight,
+  grad-norm mean and step-to-step variance (mean ± 95% t-interval over seeds); paired differences of
+  each algorithm against `grpo` over shared seeds; links to the figures; the runs left out and why.
 - `report.csv` (the group table) and `report_paired.csv` (the paired differences).
 - `figures/*.png` (drawn by `trgrpo/report_plots.py`).
 
@@ -48,6 +48,7 @@ METRICS = (  # (csv name, markdown header)
     ("final_accuracy", "Final accuracy"),
     ("best_accuracy", "Best eval accuracy (training)"),
     ("final_reward", "Final reward/mean"),
+    ("weight_mean", "Mean weight"),
     ("grad_norm_mean", "Grad norm mean"),
     ("grad_norm_diff_var", "Var of Δ grad norm"),
 )
@@ -74,12 +75,14 @@ def run_summary(run: Run) -> dict[str, float]:
     trained = accuracy[steps > 0]  # step 0: the initial policy (trainer.eval_at_start)
     _, reward = series(run.metrics, "reward/mean")
     _, grad_norm = series(run.metrics, "train/grad_norm")
+    _, weight = series(run.metrics, "weights/mean")
     tail = max(1, math.ceil(FINAL_FRACTION * reward.size))
     return {
         "start_accuracy": float(accuracy[0]) if steps.size and steps[0] == 0 else math.nan,
         "final_accuracy": final_accuracy(run)[0],
         "best_accuracy": float(trained.max()) if trained.size else math.nan,
         "final_reward": float(reward[-tail:].mean()) if reward.size else math.nan,
+        "weight_mean": float(weight.mean()) if weight.size else math.nan,
         "grad_norm_mean": float(grad_norm.mean()) if grad_norm.size else math.nan,
         # population variance (ddof=0) of step-to-step changes: the paper's smoothness measure
         "grad_norm_diff_var": float(np.var(np.diff(grad_norm))) if grad_norm.size > 1 else math.nan,
@@ -199,7 +202,10 @@ def _results_section(
         f"(runs: {sources.count('eval.json')}), else the last `eval/<task>/accuracy` in metrics.jsonl "
         f"(runs: {sources.count('metrics.jsonl')}; neither: {sources.count('none')}). Start: the eval at step 0 "
         "(the initial policy). Best: the highest eval accuracy logged during training (step > 0). "
-        f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Grad norm: before "
+        f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Mean weight: mean over "
+        "steps of `weights/mean`, the token weight the loss applied (1 for GRPO and under "
+        "`algo.weights.normalize=mean`; above 1 the weights also scale the step, like a larger learning "
+        "rate). Grad norm: before "
         "clipping; Var of Δ: mean over seeds of var(diff(train/grad_norm)), the step-to-step variability "
         "the TR-GRPO paper claims to reduce.",
         "",

@@ -101,11 +101,30 @@ def _finish(ax: Axes, title: str, ylabel: str) -> None:
     ax.legend(fontsize="small")
 
 
+def reward_parts(groups: Sequence[Group]) -> list[str]:
+    """The reward's logged parts (reward/correct, reward/format, ...), in a stable order."""
+    keys = {
+        key
+        for group in groups
+        for run in group.runs
+        for record in run.metrics
+        for key in record
+        if key.startswith("reward/") and key not in ("reward/mean", "reward/std")
+    }
+    return sorted(keys, key=lambda k: (k != "reward/correct", k))
+
+
 def plot_reward(groups: Sequence[Group], task: str, smooth: int) -> Figure | None:
-    fig, axes = _figure()
+    """reward/mean, and beside it each part of the reward: a reward that rises while reward/correct
+    does not is a shaping term being learned, and shows here as such."""
+    parts = reward_parts(groups)
+    fig, axes = _figure(1, 1 + len(parts), size=(6.0, 4.0), sharey=True)
     if not _draw_mean_band(axes[0, 0], groups, "reward/mean", smooth):
         return None
     _finish(axes[0, 0], f"{task}: reward/mean (moving average {smooth}; band: min–max over seeds)", "reward")
+    for ax, key in zip(axes[0, 1:], parts):
+        _draw_mean_band(ax, groups, key, smooth)
+        _finish(ax, f"{task}: {key} (part of the reward)", "mean over samples")
     return fig
 
 
@@ -225,7 +244,7 @@ def plot_buckets(groups: Sequence[Group], task: str, smooth: int) -> Figure | No
 
 
 PLOTS: tuple[tuple[str, str, Callable[[Sequence[Group], str, int], Figure | None]], ...] = (
-    ("reward", "reward/mean during training", plot_reward),
+    ("reward", "reward/mean and its parts during training", plot_reward),
     ("eval_accuracy", "eval accuracy during training", plot_eval_accuracy),
     ("grad_norm", "train/grad_norm trajectories", plot_grad_norm),
     ("weights", "token-weight distribution", plot_weights),

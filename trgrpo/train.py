@@ -171,7 +171,7 @@ def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Le
         enable_gradient_checkpointing(policy)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     own = copy.deepcopy(policy) if shard and cfg.rollout.engine == "hf" else policy
-    engine = make_engine(cfg.rollout, own, tokenizer, seed=cfg.seed)
+    engine = make_engine(cfg.rollout, own, tokenizer, seed=cfg.seed, precision=t.precision)
     train_data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
     eval_data = task.dataset("test", cfg.task.eval_size, cfg.task.data_seed)
     sampler = PromptSampler(len(train_data), cfg.seed)
@@ -223,6 +223,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir.resolve())
+    host_settings = host.configure(t, device)  # resolves threads/precision=auto into cfg: recorded below
+    t.precision = distributed.broadcast(t.precision)  # under torchrun every rank takes rank 0's probe
     config = dataclasses.asdict(cfg)
     resume_from, state = checkpoint.resume_state(t.resume, run_dir, config, force=t.resume_force)
     start = state["step"] if state is not None else 0
@@ -233,7 +235,6 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         status(status="finished", last_step=start)
         distributed.destroy()
         return {}
-    host.configure(t.threads, t.reuse_host_memory)
     seed_everything(cfg.seed)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if not hydra_cfg.exists() and main:  # called without Hydra (tests, scripts): save the config ourselves
@@ -250,6 +251,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         resumed_from=None if resume_from is None else str(resume_from),
         error=None,
         checkpoint_error=None,
+        threads=host_settings.threads,
+        precision=host_settings.precision,
+        matmul_gflops=host_settings.gflops,
     )
 
     learner, sampler, ctx = build(cfg, device, shard=shard)

@@ -7,22 +7,44 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trgrpo.config import Config, ConfigError, LogicTaskConfig, MathTaskConfig, ToolQATaskConfig
+from trgrpo import model_files
+from trgrpo.config import (
+    Config,
+    ConfigError,
+    LogicTaskConfig,
+    MathTaskConfig,
+    ToolQATaskConfig,
+    TrainerConfig,
+)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WEIGHT_SHAPES = ("none", "sigmoid", "linear", "reverse")
 PLACEMENTS = ("loss", "ratio")
+WEIGHT_NORMALIZE = ("none", "mean")
 ENGINES = ("hf", "vllm")
 HF_DECODES = ("auto", "shared_prefix", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+THREADS = ("auto", "a number ≥ 1", "0 (torch's default)")
 
 
 def _one_of(value: object, valid: tuple, key: str) -> list[str]:
     if value in valid:
         return []
     return [f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}"]
+
+
+def host_problems(t: TrainerConfig) -> list[str]:
+    """trainer.threads and trainer.precision (also checked by host.configure: eval and build-tiny run
+    without `validate`)."""
+    threads = t.threads
+    if isinstance(threads, str):
+        ok = threads == "auto" or threads.isdigit()
+    else:
+        ok = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0
+    out = [] if ok else [f"trainer.threads={threads!r} is not valid; choose one of: {', '.join(THREADS)}"]
+    return out + _one_of(t.precision, PRECISIONS, "trainer.precision")
 
 
 def problems(cfg: Config) -> list[str]:
@@ -44,15 +66,26 @@ def problems(cfg: Config) -> list[str]:
         local = value.startswith((".", "/", "~")) or path.suffix in (".json", ".jsonl", ".parquet", ".csv")
         return local and not (path.is_dir() if folder else path.exists())
 
+    model_file_problem = model_files.problem(m.path)
+    is_model_file = bool(m.path) and (
+        m.path.startswith(model_files.PACKAGE_SCHEME) or m.path.endswith(".gguf")
+    )
     out = _one_of(task.name, tuple(sorted(TASKS)), "task.name")
+    out += _one_of(task.few_shot_style, ("user", "chat"), "task.few_shot_style")
+    out += [
+        f"task.few_shot[{i}] needs a 'question' and an 'answer' (got {sorted(shot)})"
+        for i, shot in enumerate(task.few_shot)
+        if not {"question", "answer"} <= set(shot)
+    ]
     out += _one_of(a.agg, AGG_MODES, "algo.agg")
     out += _one_of(a.kl_estimator, KL_ESTIMATORS, "algo.kl_estimator")
     out += _one_of(w.shape, WEIGHT_SHAPES, "algo.weights.shape")
     out += _one_of(w.placement, PLACEMENTS, "algo.weights.placement")
+    out += _one_of(w.normalize, WEIGHT_NORMALIZE, "algo.weights.normalize")
     out += _one_of(a.tis, ("none", "token", "sequence"), "algo.tis")
     out += _one_of(r.engine, ENGINES, "rollout.engine")
     out += _one_of(m.dtype, DTYPES, "model.dtype")
-    out += _one_of(t.precision, PRECISIONS, "trainer.precision")
+    out += host_problems(t)
     out += _one_of(cfg.logger.name, ("jsonl", "wandb"), "logger.name")
     out += _one_of(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     mode, world = str(t.distributed).lower(), launched_world_size()
@@ -164,7 +197,6 @@ def problems(cfg: Config) -> list[str]:
             f"trainer.resume={t.resume!r} does not exist; use trainer.resume=auto (the newest checkpoint "
             "of this run), a checkpoint or run folder, or null",
         ),
-        (t.threads >= 0, f"trainer.threads={t.threads} must be ≥ 0 (0 = torch's default)"),
         (
             t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
             f"trainer.device={t.device!r} is not valid; choose one of: auto, cpu, cuda, cuda:<index>",
@@ -177,8 +209,9 @@ def problems(cfg: Config) -> list[str]:
             m.path is not None or m.name == "tiny",
             f"model={m.name} needs model.path (a local model folder or a hub id)",
         ),
+        (model_file_problem is None, str(model_file_problem)),
         (
-            not missing(m.path, folder=True),
+            model_file_problem is not None or is_model_file or not missing(m.path, folder=True),
             f"model.path={m.path!r} does not exist (or is not a folder): give a local model folder, "
             "or a hub id such as Qwen/Qwen2.5-1.5B-Instruct",
         ),

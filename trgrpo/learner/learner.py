@@ -24,7 +24,7 @@ from torch import Tensor
 
 from trgrpo.algo.losses import Normalizer, bucket_metrics, bucket_sums, policy_loss
 from trgrpo.algo.tis import tis_weights
-from trgrpo.algo.token_weights import token_weights, weight_stats
+from trgrpo.algo.token_weights import mean_scale, token_weights, weight_stats
 from trgrpo.config import AlgoConfig, TrainerConfig
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.batch import MicroBatch, idle, make_microbatches, to_device
@@ -178,13 +178,45 @@ class Learner:
         The normaliser covers all of `mbs` on all ranks, so the accumulated gradient does not depend
         on how the rows were split into micro-batches or ranks. Returns the loss parts and diagnostics,
         reduced over ranks.
+
+        `algo.weights.normalize=mean` divides every token weight by the mean weight over the same
+        tokens (all of `mbs`, all ranks). The weight is a function of p_old, detached: of the `old`
+        log-probs when given, else of the current ones, which are p_old at the only update of a batch.
+        Its mean is then known before the backward passes only from `old`; without them:
+        - the loss is linear in w (placement `loss`, KL weighted or off; TIS and every aggregation
+          are linear too): backward with the raw weights, then scale the step's gradient (and its
+          loss metrics) by 1 / mean weight: exact, and no extra forward pass;
+        - otherwise (placement `ratio`, or an unweighted KL term): one extra no-grad pass scores p_old
+          before the backward passes, like the `old` pass of a reused batch.
         """
         a, t = self.algo, self.trainer
         real = [mb for mb in mbs if mb.rows]  # not the `idle` micro-batches that only join collectives
-        tokens, sequences = distributed.all_reduce(
-            [float(sum(int(mb.response_mask.sum()) for mb in real)), float(sum(len(mb.rows) for mb in real))]
+        normalize = a.weights.normalize == "mean" and a.weights.shape != "none"
+        linear = a.weights.placement == "loss" and (a.kl_coef <= 0 or a.weights.weight_kl)
+        deferred = normalize and old is None and linear  # scale the gradient after the backward passes
+        basis_lp = old  # the log-probs the weights are taken from, when known before the backward passes
+        if normalize and old is None and not linear:
+            basis_lp = self._score(self.scorer, mbs)
+        raw = [None] * len(mbs)  # the weights before normalisation, computed here when basis_lp is known
+        weight_sum = 0.0
+        if normalize and basis_lp is not None:
+            for i, mb in enumerate(mbs):
+                if mb.rows:
+                    raw[i] = self._weights(basis_lp[i])
+                    weight_sum += float(raw[i].double()[mb.response_mask].sum())
+        tokens, sequences, weight_sum = distributed.all_reduce(
+            [
+                float(sum(int(mb.response_mask.sum()) for mb in real)),
+                float(sum(len(mb.rows) for mb in real)),
+                weight_sum,
+            ]
         )
         norm = Normalizer(tokens=tokens, sequences=sequences, max_len=float(self.max_len))
+        scale = mean_scale(weight_sum, tokens) if normalize and not deferred else 1.0
+        params = [p for p in self.model.parameters() if p.grad is not None] if deferred else []
+        prior = [p.grad for p in params]  # gradient already accumulated: not to be scaled below
+        for p in params:
+            p.grad = None
         metrics: dict[str, float] = defaultdict(float)
         weights_seen, entropy_sum, diff_sum, diff_max = [], 0.0, 0.0, 0.0
         buckets = None
@@ -203,7 +235,11 @@ class Learner:
                 continue
             old_lp = None if old is None else old[i]
             basis = (old_lp if old_lp is not None else logprobs).detach()
-            weights = self._weights(basis) if a.weights.shape != "none" else None
+            if a.weights.shape == "none":
+                w_raw = weights = None
+            else:
+                w_raw = raw[i] if raw[i] is not None else self._weights(basis)
+                weights = w_raw * scale if scale != 1.0 else w_raw
             tis = tis_weights(basis, mb.sampler_logprobs, mb.response_mask, level=a.tis, cap=a.tis_cap)
             loss, parts = policy_loss(
                 logprobs,
@@ -228,7 +264,7 @@ class Learner:
             with torch.no_grad():
                 m = mb.response_mask
                 w = weights if weights is not None else torch.ones_like(basis)
-                weights_seen.append(w[m])
+                weights_seen.append((w_raw if w_raw is not None else w)[m])
                 entropy_sum += float(entropy[m].sum())
                 diff = (basis - mb.sampler_logprobs).abs()[m]
                 if diff.numel():
@@ -245,9 +281,25 @@ class Learner:
             buckets = distributed.all_reduce_tensor(buckets)
         tokens = max(norm.tokens, 1.0)
         all_w = distributed.gather_cat(torch.cat(weights_seen) if weights_seen else torch.ones(0))
+        if deferred:  # every rank holds all the weights: the same mean everywhere
+            scale = mean_scale(float(all_w.double().sum()), float(all_w.numel()))
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            for key in ("loss/policy", "loss/kl"):  # both linear in w here (loss/kl is 0 when unweighted)
+                if key in metrics:
+                    metrics[key] *= scale
+            if buckets is not None:
+                buckets[:, 1:] *= scale  # Σ (1 − p)·|A|·w and Σ w
+        for p, g in zip(params, prior):
+            p.grad = g if p.grad is None else p.grad.add_(g)
         metrics.update(
             weight_stats(
-                all_w, torch.ones_like(all_w, dtype=torch.bool), lower=a.weights.lower, upper=a.weights.upper
+                all_w,
+                torch.ones_like(all_w, dtype=torch.bool),
+                lower=a.weights.lower,
+                upper=a.weights.upper,
+                scale=scale,
             )
         )
         metrics.update(bucket_metrics(buckets) if buckets is not None else {})

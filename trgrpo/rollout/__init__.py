@@ -10,11 +10,14 @@ __all__ = ["ENGINES", "Engine", "make_engine"]
 ENGINES = ("hf", "vllm")
 
 
-def make_engine(cfg: RolloutConfig, model, tokenizer, *, seed: int = 0) -> Engine:
+def make_engine(cfg: RolloutConfig, model, tokenizer, *, seed: int = 0, precision: str = "fp32") -> Engine:
+    """`precision` (trainer.precision, resolved): the hf engine's compute precision, as the learner's."""
     if cfg.engine == "hf":
         from trgrpo.rollout.hf_engine import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, decode=cfg.hf_decode)
+        return HFEngine(
+            model, tokenizer, batch_size=cfg.batch_size, decode=cfg.hf_decode, precision=precision
+        )
     if cfg.engine == "vllm":
         from trgrpo.rollout.vllm_engine import VLLMEngine
 

@@ -20,7 +20,7 @@ def encode_prompts(
 ) -> list[list[int]]:
     from trgrpo.models import encode_prompt
 
-    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    prompts = [encode_prompt(tokenizer, ex.prompt, ex.context) for ex in examples]
     longest = max((len(p) for p in prompts), default=0)
     if longest + max_new_tokens > limit:
         raise ConfigError(

@@ -29,8 +29,13 @@ from trgrpo.rollout import prefix_decode
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, *, batch_size: int = 0, decode: str = "auto"):
+    def __init__(
+        self, model, tokenizer, *, batch_size: int = 0, decode: str = "auto", precision: str = "fp32"
+    ):
         self.model = model
+        # bf16: the model body runs under autocast, as the learner's does (weights cast once per call:
+        # autocast caches the casts of parameters within one context); the head stays float32.
+        self.precision = precision
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # prompts per generate call; 0 = all at once
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -86,7 +91,8 @@ class HFEngine:
                 if seed is not None:
                     torch.manual_seed(seed)
                 decode = self._shared_prefix if self.shared_prefix else self._generate
-                new_ids, logprobs = decode(input_ids, attention, sampling)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    new_ids, logprobs = decode(input_ids, attention, sampling)
         finally:
             self.model.train(was_training)
         new_ids, logprobs = new_ids.cpu(), logprobs.cpu()

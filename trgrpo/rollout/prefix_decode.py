@@ -142,7 +142,8 @@ def sample(
                 use_cache=False,
                 shared_prefix=state,
             ).last_hidden_state[:, -1]
-            logits = head(hidden).float()
+            with torch.autocast(device.type, enabled=False):  # the head in float32, as the learner's
+                logits = head(hidden.to(head.weight.dtype)).float()
             logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
             token = logits.argmax(-1) if temperature <= 0 else _draw(logprobs, top_p)
             token = torch.where(live, token, pad_id)

@@ -18,7 +18,6 @@ from trgrpo.records import Example, Reward
 from trgrpo.tasks.answer import last_boxed
 from trgrpo.tasks.data import load_records
 
-PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 TEST_SEED_OFFSET = 1_000_003
 WARMSTART_EXAMPLES = 16384  # = trgrpo.models.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
 _INT = re.compile(r"^[+-]?\d+$")
@@ -89,8 +88,7 @@ class MathTask:
         random.Random(base).shuffle(mixed)
         return [self._example(f"{split}-{i}", name, item) for i, (name, item) in enumerate(mixed[:size])]
 
-    @staticmethod
-    def _example(uid: str, generator: str, item: dict) -> Example:
+    def _example(self, uid: str, generator: str, item: dict) -> Example:
         meta = item.get("metadata", {})
         difficulty = meta.get("difficulty", {})
         level = generator + "".join(
@@ -98,7 +96,7 @@ class MathTask:
         )
         if "num_digits" in meta:
             level = f"{generator}:digits={meta['num_digits']}"
-        prompt = f"{item['question'].strip()} {PROMPT_SUFFIX}"
+        prompt = _with_suffix(item["question"], self.cfg.prompt_suffix)
         return Example(uid, prompt, str(item["answer"]), level, {"expression": meta.get("expression")})
 
     def _real(self, split: str, size: int, seed: int) -> list[Example]:
@@ -120,7 +118,7 @@ class MathTask:
             gold = gold_from(str(row[cfg.answer_field]), cfg.answer_format)
             level = str(row.get("level", row.get("difficulty", "")))
             out.append(
-                Example(f"{split}-{i}", f"{row[cfg.question_field].strip()} {PROMPT_SUFFIX}", gold, level)
+                Example(f"{split}-{i}", _with_suffix(row[cfg.question_field], cfg.prompt_suffix), gold, level)
             )
         return out
 
@@ -128,20 +126,28 @@ class MathTask:
 
     def verify(self, example: Example, response: str) -> Reward:
         predicted = last_boxed(response)
-        if predicted is None:
+        if predicted is None or not predicted.strip():  # an empty box is no answer (and earns no bonus)
             return Reward(0.0, {"correct": 0.0, "format": 0.0})
         gold_int, pred_int = _as_int(example.answer), _as_int(predicted)
         if gold_int is not None and pred_int is not None:
-            correct = gold_int == pred_int
+            correct, parsable = gold_int == pred_int, True
         else:
             correct = _math_verify(example.answer, predicted)
-        # `format` logs whether the answer is parsable; task.format_reward turns it into shaping (0 = off).
-        return Reward(float(correct) + self.cfg.format_reward, {"correct": float(correct), "format": 1.0})
+            parsable = correct or any(c.isdigit() for c in predicted)
+        # `format`: a boxed answer with a digit in it (math-verify reads any word as a product of symbols);
+        # task.format_reward turns it into shaping (0 = off). The bonus does not need the answer to be
+        # right, but it needs one: `\boxed{}` or `\boxed{the}` earn nothing.
+        score = float(correct) + self.cfg.format_reward * parsable
+        return Reward(score, {"correct": float(correct), "format": float(parsable)})
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
         expression = example.meta.get("expression")
         work = f"{expression} = {example.answer}. " if expression else ""
         return [(f"{work}The answer is \\boxed{{{example.answer}}}.", True)]
+
+
+def _with_suffix(question: str, suffix: str) -> str:
+    return f"{question.strip()} {suffix}".strip()
 
 
 def _math_verify(gold: str, predicted: str) -> bool:

@@ -1,0 +1,231 @@
+"""trainer.threads and trainer.precision resolved for the machine (trgrpo/host.py): `auto` threads from
+the CPU affinity and cgroup quota, `auto` precision from a matmul probe (monkeypatched here: no test
+depends on this machine's speed), explicit values winning, the errors that name the fields, and a run
+recording what it resolved."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from conftest import FAST, make_cfg
+
+from trgrpo import checkpoint, host
+from trgrpo.config import ConfigError, TrainerConfig
+from trgrpo.learner.logprobs import Scorer
+from trgrpo.plan import plan_lines
+from trgrpo.validation import problems
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """configure sets torch's threads process-wide: give the next tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _rates(monkeypatch, fp32: float, bf16: float) -> None:
+    monkeypatch.setattr(host, "matmul_rates", lambda *a, **k: {"fp32": fp32, "bf16": bf16})
+
+
+def _no_probe(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the matmul probe ran")
+
+    monkeypatch.setattr(host, "matmul_rates", fail)
+
+
+def _cores(monkeypatch, affinity: int, quota: float | None = None) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda *a: quota)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "expected"),
+    [(100.0, 300.0, "bf16"), (150.0, 80.0, "fp32"), (100.0, 105.0, "fp32")],  # the last within the margin
+)
+def test_auto_precision_follows_the_probe(monkeypatch, fp32, bf16, expected):
+    _rates(monkeypatch, fp32, bf16)
+    t = TrainerConfig(threads=1, precision="auto", reuse_host_memory=False)
+    settings = host.configure(t, "cpu")
+    assert t.precision == settings.precision == expected
+    assert settings.gflops == {"fp32": fp32, "bf16": bf16}
+    assert f"precision {expected} (auto: 512x512 matmul fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f}" in (
+        settings.line
+    )
+
+
+@pytest.mark.parametrize("value", ["fp32", "bf16"])
+def test_explicit_precision_wins_without_a_probe(monkeypatch, value):
+    _no_probe(monkeypatch)
+    t = TrainerConfig(threads=1, precision=value, reuse_host_memory=False)
+    settings = host.configure(t, "cpu")
+    assert (t.precision, settings.precision, settings.gflops) == (value, value, None)
+    assert f"precision {value} (set)" in settings.line
+
+
+@pytest.mark.parametrize(("supported", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cuda_asks_the_gpu(monkeypatch, supported, expected):
+    _no_probe(monkeypatch)  # no CPU probe for a GPU run
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    t = TrainerConfig(threads=1, precision="auto", reuse_host_memory=False)
+    assert host.configure(t, torch.device("cuda", 0)).precision == expected == t.precision
+
+
+def test_probe_measures_both_dtypes_with_a_positive_rate():
+    rates = host.matmul_rates(size=64, repeats=2)
+    assert set(rates) == {"fp32", "bf16"}
+    assert all(r > 0 and r != float("inf") for r in rates.values()), rates
+
+
+# -------------------------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "local", "expected"),
+    [
+        (8, None, None, 8),  # all the cores it may run on
+        (8, 2.5, None, 3),  # a cgroup quota of 2.5 CPUs caps it (rounded up)
+        (8, 0.5, None, 1),
+        (2, 16.0, None, 2),  # a quota above the affinity does not raise it
+        (8, None, "2", 4),  # two torchrun processes on the node share the cores
+        (2, None, "4", 1),
+    ],
+)
+def test_auto_threads_from_affinity_quota_and_torchrun(monkeypatch, affinity, quota, local, expected):
+    _cores(monkeypatch, affinity, quota)
+    if local is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert host.auto_threads() == expected
+
+
+def test_usable_cores_without_an_affinity_api(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda *a: None)
+    assert host.usable_cores() == 6
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "250000 100000\n"}, 2.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert host.cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_auto_threads_are_set_and_written_back(monkeypatch):
+    _cores(monkeypatch, 3)
+    probed_with = []  # the probe runs with the threads just chosen
+    monkeypatch.setattr(
+        host,
+        "matmul_rates",
+        lambda: probed_with.append(torch.get_num_threads()) or {"fp32": 2.0, "bf16": 1.0},
+    )
+    t = TrainerConfig(reuse_host_memory=False)  # the schema's defaults: auto, auto
+    settings = host.configure(t, "cpu")
+    assert probed_with == [3]
+    assert t.threads == settings.threads == torch.get_num_threads() == 3
+    assert settings.line.startswith("host: torch threads 3 (auto: 3 usable cores), precision fp32 (auto: ")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2, 2), ("2", 2)])
+def test_explicit_threads_win(monkeypatch, value, expected):
+    _cores(monkeypatch, 8)
+    t = TrainerConfig(threads=value, precision="fp32", reuse_host_memory=False)
+    assert host.configure(t).threads == torch.get_num_threads() == expected == t.threads
+
+
+def test_zero_threads_keep_torchs_default(monkeypatch):
+    torch.set_num_threads(1)
+    t = TrainerConfig(threads=0, precision="fp32", reuse_host_memory=False)
+    settings = host.configure(t)
+    assert settings.threads == t.threads == 1
+    assert "(0: torch's default)" in settings.line
+
+
+# ----------------------------------------------------------------------------------- config and plan
+
+
+def test_defaults_are_auto_and_numbers_compose_as_ints():
+    t = make_cfg().trainer
+    assert (t.threads, t.precision) == ("auto", "auto")
+    assert make_cfg("trainer.threads=4").trainer.threads == 4
+    assert problems(make_cfg("trainer.threads=4", "trainer.precision=bf16")) == []
+    assert problems(make_cfg("trainer.threads=0", "trainer.precision=fp32")) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.threads=-3", "trainer.threads=-3 is not valid; choose one of: auto, a number ≥ 1, 0"),
+        ("trainer.threads=many", "trainer.threads='many' is not valid; choose one of: auto, a number ≥ 1"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16"),
+    ],
+)
+def test_invalid_values_are_one_line_errors(override, message):
+    cfg = make_cfg(override)
+    found = [p for p in problems(cfg) if p.startswith(override.split("=")[0])]
+    assert len(found) == 1 and found[0].startswith(message) and "\n" not in found[0], found
+    with pytest.raises(ConfigError, match=message.split(";")[0].replace("(", r"\(")):
+        host.configure(cfg.trainer)  # eval and build-tiny call it without validate
+
+
+def test_plan_shows_the_settings():
+    lines = plan_lines(make_cfg())
+    threads = next(line for line in lines if line.split()[:1] == ["threads"])
+    precision = next(line for line in lines if line.split()[:1] == ["precision"])
+    assert f"auto (resolved at start: {host.auto_threads()} here" in threads
+    assert "auto (resolved at start: bf16 " in precision
+    lines = plan_lines(make_cfg("trainer.threads=2", "trainer.precision=fp32"))
+    assert any(line.split() == ["threads", "2"] for line in lines)
+    assert any(line.split() == ["precision", "fp32"] for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
+    from trgrpo.train import run
+
+    _cores(monkeypatch, 1)
+    _rates(monkeypatch, 100.0, 300.0)
+    used = set()  # the precision the learner's forwards ran in
+    forward = Scorer.forward
+    monkeypatch.setattr(
+        Scorer, "forward", lambda self, mb, **kw: used.add(kw["precision"]) or forward(self, mb, **kw)
+    )
+    cfg = make_cfg(*FAST, "trainer.steps=1", "trainer.threads=auto", "trainer.precision=auto")
+    with caplog.at_level(logging.INFO, logger="trgrpo"):
+        run(cfg, tmp_path)
+    assert used == {"bf16"}
+    status = json.loads((tmp_path / "run.json").read_text())
+    assert (status["threads"], status["precision"]) == (1, "bf16")
+    assert status["matmul_gflops"] == {"fp32": 100.0, "bf16": 300.0}
+    saved = (tmp_path / ".hydra" / "config.yaml").read_text()  # written by run without Hydra
+    assert "  threads: 1\n" in saved and "  precision: bf16\n" in saved
+    state = checkpoint.load_state(tmp_path / "checkpoints" / "step_1")  # the config resume checks
+    assert (state["config"]["trainer"]["threads"], state["config"]["trainer"]["precision"]) == (1, "bf16")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("host: ")]
+    assert lines == [
+        "host: torch threads 1 (auto: 1 usable cores), precision bf16 "
+        "(auto: 512x512 matmul fp32 100.0 GFLOP/s, bf16 300.0 GFLOP/s)"
+    ]
