@@ -145,6 +145,25 @@ def test_load_weights_follow_the_policy(setup):
     assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == [c.token_ids for c in before]
 
 
+def test_a_batch_over_one_step_budget_samples_as_its_parts_do(setup):
+    """A batch whose prompts exceed one engine step's token budget (the default evaluation: 128
+    prompts × 5 seeded requests) runs with whole prefills, and each request's seeded samples do not
+    depend on the batch around it: the first prompts alone sample the same tokens. (Before the tests
+    that build and close engines of their own: closing one tears down vLLM's process groups.)"""
+    from trgrpo.rollout.vllm_engine import CPU_STEP_TOKENS
+
+    _, tokenizer, _, engine = setup
+    examples = make_task(make_cfg(*FAST).task).dataset("test", 128, seed=1)
+    many = [encode_prompt(tokenizer, ex.prompt) for ex in examples]  # distinct: no prefix-cache hits
+    sampling = Sampling(temperature=1.0, max_new_tokens=8, n=4, seed=11)
+    assert sum(len(p) for p in many) * sampling.n > 2 * CPU_STEP_TOKENS
+    big = engine.generate(many, sampling)
+    small = engine.generate(many[:3], sampling)
+    assert len(big) == len(many) * sampling.n
+    assert [c.token_ids for c in big[: len(small)]] == [c.token_ids for c in small]
+    assert [c.token_ids for c in engine.generate(many, sampling)] == [c.token_ids for c in big]
+
+
 @pytest.mark.slow
 def test_training_with_vllm_changes_the_policy(tmp_path):
     # The barely warm-started model rarely answers right: the overlong penalty gives groups a spread
@@ -216,24 +235,6 @@ def test_eval_with_vllm_matches_the_hf_engine(setup, tmp_path):
         for name in ("hf", "vllm")
     ]
     assert greedy[0] == greedy[1]
-
-
-def test_a_batch_over_one_step_budget_samples_as_its_parts_do(setup):
-    """A batch whose prompts exceed one engine step's token budget (the default evaluation: 128
-    prompts × 5 seeded requests) runs with whole prefills, and each request's seeded samples do not
-    depend on the batch around it: the first prompts alone sample the same tokens."""
-    from trgrpo.rollout.vllm_engine import CPU_STEP_TOKENS
-
-    _, tokenizer, _, engine = setup
-    examples = make_task(make_cfg(*FAST).task).dataset("test", 128, seed=1)
-    many = [encode_prompt(tokenizer, ex.prompt) for ex in examples]  # distinct: no prefix-cache hits
-    sampling = Sampling(temperature=1.0, max_new_tokens=8, n=4, seed=11)
-    assert sum(len(p) for p in many) * sampling.n > 2 * CPU_STEP_TOKENS
-    big = engine.generate(many, sampling)
-    small = engine.generate(many[:3], sampling)
-    assert len(big) == len(many) * sampling.n
-    assert [c.token_ids for c in big[: len(small)]] == [c.token_ids for c in small]
-    assert [c.token_ids for c in engine.generate(many, sampling)] == [c.token_ids for c in big]
 
 
 @pytest.mark.slow
