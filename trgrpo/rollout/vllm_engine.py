@@ -48,6 +48,8 @@ class VLLMEngine:
     def __init__(self, model, tokenizer, cfg: RolloutConfig, *, seed: int = 0):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process core: weight sync is a call
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        # vLLM logs an INFO line per weight reload and prefix-cache reset: two lines every step
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import vllm
         from vllm.platforms import current_platform
 
