@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import FAST
 
 OURS = 2  # exit code of every user error (ours and Hydra's compose errors)
 SCHEMA = "base_"  # the ConfigStore's schema entries: never offered as choices
@@ -209,3 +210,14 @@ def test_plan_names_the_model_it_loads(tmp_path):
     assert "qwen2.5-0.5b-instruct: Qwen/Qwen2.5-0.5B-Instruct (hub id)" in _model_row(
         "model=qwen2.5-0.5b-instruct"
     )
+
+
+def test_a_task_with_no_held_out_problems_is_a_one_line_error(tmp_path):
+    """1-digit addition has 100 distinct problems, all in the 512-problem training pool: the held-out
+    split is empty. Refused before a model is built (no traceback at the step-0 evaluation)."""
+    args = [sys.executable, "-m", "trgrpo", "train", *FAST, "task.generators.0.params.max_digits=1"]
+    done = subprocess.run([*args, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "no held-out problems are left" in lines[0] and "task.generators" in lines[0]
+    assert "Traceback" not in done.stderr

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from trgrpo import checkpoint, host
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
-from trgrpo.config import Config, resolve
+from trgrpo.config import Config, ConfigError, resolve
 from trgrpo.evaluate import evaluate_examples
 from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import distributed, fsdp
@@ -157,6 +157,37 @@ def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
     return {**metrics, "time/eval": time.perf_counter() - start}
 
 
+def task_data(task, tc) -> tuple[list, list]:
+    """The training pool and the held-out split. An empty one is a ConfigError naming the knobs; a
+    split smaller than asked (settings that allow few distinct problems) is a warning."""
+    train = list(task.dataset("train", tc.train_size, tc.data_seed))
+    held_out = list(task.dataset("test", tc.eval_size, tc.data_seed))
+    knobs = "widen the task's settings (e.g. task.generators[*].params) or lower task.train_size"
+    if not train:
+        raise ConfigError(
+            f"task={tc.name}: the training pool is empty (task.train_size={tc.train_size}); {knobs}"
+        )
+    if not held_out:
+        raise ConfigError(
+            f"task={tc.name}: no held-out problems are left once the {len(train)} training problems are "
+            f"removed (task.eval_size={tc.eval_size}): these settings allow too few distinct problems; {knobs}"
+        )
+    distinct = len({ex.prompt for ex in train})
+    if distinct < tc.train_size:
+        log.warning(
+            "task=%s: %d distinct training problems of task.train_size=%d", tc.name, distinct, tc.train_size
+        )
+    if len(held_out) < tc.eval_size:
+        log.warning(
+            "task=%s: the held-out split has %d problems of task.eval_size=%d (the rest are in the training "
+            "pool or the settings allow no more)",
+            tc.name,
+            len(held_out),
+            tc.eval_size,
+        )
+    return train, held_out
+
+
 def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Learner, PromptSampler, dict]:
     """The pieces the loop wires: the learner (which owns the policy), the prompt sampler, and `ctx`
     (engine, task, tokenizer, verifier pool, data, sampling settings).
@@ -166,14 +197,13 @@ def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Le
     """
     t = cfg.trainer
     task = make_task(cfg.task)
+    train_data, eval_data = task_data(task, cfg.task)  # checked before any model is loaded or built
     policy, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed, device=str(device))
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     own = copy.deepcopy(policy) if shard and cfg.rollout.engine == "hf" else policy
     engine = make_engine(cfg.rollout, own, tokenizer, seed=cfg.seed, precision=t.precision)
-    train_data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
-    eval_data = task.dataset("test", cfg.task.eval_size, cfg.task.data_seed)
     sampler = PromptSampler(len(train_data), cfg.seed)
     learner = Learner(
         policy,
