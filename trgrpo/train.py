@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from trgrpo import checkpoint, host
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
-from trgrpo.config import Config, ConfigError, resolve
+from trgrpo.config import Config, resolve
 from trgrpo.evaluate import evaluate_examples
 from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import distributed, fsdp
@@ -38,6 +38,7 @@ from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.sampler import PromptSampler
 from trgrpo.tasks import make_task
+from trgrpo.tasks.data import task_data
 from trgrpo.tasks.verify_pool import VerifyPool
 from trgrpo.validation import validate
 
@@ -155,37 +156,6 @@ def evaluate_now(ctx, cfg: Config) -> dict[str, float]:
     )
     metrics = {f"eval/{cfg.task.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
     return {**metrics, "time/eval": time.perf_counter() - start}
-
-
-def task_data(task, tc) -> tuple[list, list]:
-    """The training pool and the held-out split. An empty one is a ConfigError naming the knobs; a
-    split smaller than asked (settings that allow few distinct problems) is a warning."""
-    train = list(task.dataset("train", tc.train_size, tc.data_seed))
-    held_out = list(task.dataset("test", tc.eval_size, tc.data_seed))
-    knobs = "widen the task's settings (e.g. task.generators[*].params) or lower task.train_size"
-    if not train:
-        raise ConfigError(
-            f"task={tc.name}: the training pool is empty (task.train_size={tc.train_size}); {knobs}"
-        )
-    if not held_out:
-        raise ConfigError(
-            f"task={tc.name}: no held-out problems are left once the {len(train)} training problems are "
-            f"removed (task.eval_size={tc.eval_size}): these settings allow too few distinct problems; {knobs}"
-        )
-    distinct = len({ex.prompt for ex in train})
-    if distinct < tc.train_size:
-        log.warning(
-            "task=%s: %d distinct training problems of task.train_size=%d", tc.name, distinct, tc.train_size
-        )
-    if len(held_out) < tc.eval_size:
-        log.warning(
-            "task=%s: the held-out split has %d problems of task.eval_size=%d (the rest are in the training "
-            "pool or the settings allow no more)",
-            tc.name,
-            len(held_out),
-            tc.eval_size,
-        )
-    return train, held_out
 
 
 def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Learner, PromptSampler, dict]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from trgrpo.config import ConfigError
+
+log = logging.getLogger("trgrpo")
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -40,3 +43,34 @@ def load_records(source: str, split: str, *, config: str | None = None, what: st
     except Exception as err:
         raise ConfigError(f"{what}={source!r} (split {split!r}) could not be loaded: {err}") from err
     return [dict(row) for row in data]
+
+
+def task_data(task, tc) -> tuple[list, list]:
+    """The training pool and the held-out split. An empty one is a ConfigError naming the knobs; a
+    split smaller than asked (settings that allow few distinct problems) is a warning."""
+    train = list(task.dataset("train", tc.train_size, tc.data_seed))
+    held_out = list(task.dataset("test", tc.eval_size, tc.data_seed))
+    knobs = "widen the task's settings (e.g. task.generators[*].params) or lower task.train_size"
+    if not train:
+        raise ConfigError(
+            f"task={tc.name}: the training pool is empty (task.train_size={tc.train_size}); {knobs}"
+        )
+    if not held_out:
+        raise ConfigError(
+            f"task={tc.name}: no held-out problems are left once the {len(train)} training problems are "
+            f"removed (task.eval_size={tc.eval_size}): these settings allow too few distinct problems; {knobs}"
+        )
+    distinct = len({ex.prompt for ex in train})
+    if distinct < tc.train_size:
+        log.warning(
+            "task=%s: %d distinct training problems of task.train_size=%d", tc.name, distinct, tc.train_size
+        )
+    if len(held_out) < tc.eval_size:
+        log.warning(
+            "task=%s: the held-out split has %d problems of task.eval_size=%d (the rest are in the training "
+            "pool or the settings allow no more)",
+            tc.name,
+            len(held_out),
+            tc.eval_size,
+        )
+    return train, held_out
