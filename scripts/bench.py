@@ -75,7 +75,7 @@ def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
     from bench_cases import MATH_OVERRIDES, compose
 
     from trgrpo.config import TinyConfig
-    from trgrpo.models import _init_model, _train_tokenizer
+    from trgrpo.models.tiny import _init_model, _train_tokenizer
     from trgrpo.tasks import make_task
 
     cfg = compose(MATH_OVERRIDES)

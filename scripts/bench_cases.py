@@ -71,7 +71,7 @@ def ours(case: dict) -> dict:
     from trgrpo import host
     from trgrpo.algo.advantages import group_advantages
     from trgrpo.learner.learner import Learner
-    from trgrpo.models import context_limit, load_policy
+    from trgrpo.models.load import context_limit, load_policy
     from trgrpo.records import Rollout, Sampling
     from trgrpo.rollout import make_engine
     from trgrpo.rollout.collect import encode_prompts

@@ -37,7 +37,8 @@ def make_prompts(count: int):
     from omegaconf import OmegaConf
 
     from trgrpo.config import register
-    from trgrpo.models import _train_tokenizer, encode_prompt
+    from trgrpo.models.chat import encode_prompt
+    from trgrpo.models.tiny import _train_tokenizer
     from trgrpo.tasks import make_task
 
     register()
@@ -58,7 +59,7 @@ def timed(fn) -> float:
 def bench_model(
     name: str, tokenizer, prompts, sampling: Sampling, repeats: int, names: list[str]
 ) -> list[dict]:
-    from trgrpo.models import _init_model
+    from trgrpo.models.tiny import _init_model
     from trgrpo.rollout.hf_engine import HFEngine
 
     model = _init_model(tokenizer, MODELS[name], seed=0).eval()

@@ -36,6 +36,16 @@ FAST = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests skip where torch sees no CUDA device (scripts/gpu_check.sh runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
     """Tiny models built by tests go to a private cache, never to ~/.cache."""
@@ -52,7 +62,7 @@ def make_cfg(*overrides: str) -> Config:
 @pytest.fixture(scope="session")
 def tiny(_model_cache):
     """(model, tokenizer, cfg) of the fast tiny math model."""
-    from trgrpo.models import load_policy
+    from trgrpo.models.load import load_policy
 
     cfg = make_cfg(*FAST)
     model, tokenizer = load_policy(cfg.model, cfg.task, seed=0)
@@ -62,3 +72,36 @@ def tiny(_model_cache):
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+def join_ranks(rank: int, port: int, world: int, device: str = "cpu") -> torch.device:
+    """In a spawned test worker: the torchrun environment for `rank` of `world`, one torch thread,
+    then the default process group (gloo on CPU, nccl on CUDA). Returns the rank's device."""
+    from trgrpo.learner import distributed
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    return distributed.init(torch.device(device))
+
+
+def make_learner(cfg, model, tokenizer, *, ref=None, shard: bool = False):
+    """A Learner on `model` with the run's trainer/algo/rollout settings (no reference model unless
+    `ref` is given)."""
+    from trgrpo.learner.learner import Learner
+
+    return Learner(
+        model,
+        ref,
+        trainer=cfg.trainer,
+        algo=cfg.algo,
+        temperature=cfg.rollout.temperature,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        pad_id=tokenizer.pad_token_id,
+        shard=shard,
+    )

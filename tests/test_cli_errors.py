@@ -58,15 +58,25 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "bare word for plan": (["plan", "outputs/x"], OURS, ["'outputs/x'", "an override is key=value"]),
     "unknown task under show": (["show", "task=maths"], OURS, ["trgrpo show: error: task=maths", "logic"]),
     "type error under eval": (["eval", "trainer.steps=abc"], OURS, ["trgrpo eval: error: trainer.steps"]),
+    "empty test split under eval": (  # 1-digit sums: all 100 in the training pool; before a model loads
+        ["eval", "task.generators.0.params.max_digits=1"],
+        OURS,
+        ["trgrpo eval: error: task=math: the test split is empty", "task.train_size"],
+    ),
     "unknown task under multirun": (
         ["train", "-m", "task=math,maths"],
         OURS,
-        ["trgrpo train: error: task=maths: no such task", "logic, math, tool_qa"],
+        [
+            "trgrpo train: error: 1 of 2 jobs cannot run",
+            "#1 task=maths",
+            "no such task",
+            "logic, math, tool_qa",
+        ],
     ),
     "type error under multirun": (
         ["train", "-m", "trainer.steps=1,abc"],
         OURS,
-        ["trgrpo train: error: trainer.steps", "'abc'"],
+        ["trgrpo train: error: 1 of 2 jobs cannot run", "#1 trainer.steps=abc: 1 problem", "'abc'"],
     ),
     "eval of a missing run folder": (
         ["eval", "outputs/no/such/run"],

@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import FAST, make_cfg
+from conftest import FAST, join_ranks, make_cfg, make_learner
 
 from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.learner import Learner
-from trgrpo.models import encode_prompt, load_policy
+from trgrpo.models.chat import encode_prompt
+from trgrpo.models.load import load_policy
 from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.sampler import PromptSampler
@@ -58,16 +59,7 @@ NORM_STEP = (*SGD_STEP, "algo=tr_grpo_norm")
 
 def _learner(cfg, model, tokenizer, *, shard: bool = False) -> Learner:
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    return Learner(
-        model,
-        ref,
-        trainer=cfg.trainer,
-        algo=cfg.algo,
-        temperature=cfg.rollout.temperature,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        pad_id=tokenizer.pad_token_id,
-        shard=shard,
-    )
+    return make_learner(cfg, model, tokenizer, ref=ref, shard=shard)
 
 
 def _plain_sgd(learner: Learner, lr: float) -> Learner:
@@ -96,15 +88,7 @@ def _batch(model, tokenizer, cfg) -> tuple[list[Rollout], torch.Tensor]:
 def _worker(rank: int, port: int, cfg, sgd_cfg, norm_cfg, data: Path, out: Path) -> None:
     """One rank: a sharded learner steps on its share of the batch, then writes a sharded checkpoint;
     then a fresh sharded model takes one plain SGD step on the same share, and one with tr_grpo_norm."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    distributed.init(torch.device("cpu"))
+    join_ranks(rank, port, WORLD)
     rollouts, advantages = pickle.loads(data.read_bytes())
     model, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed)
     learner = _learner(cfg, model, tokenizer, shard=True)
@@ -259,8 +243,9 @@ def test_config_checks_name_the_fields_under_torchrun(monkeypatch):
     assert "trainer.distributed=false under torchrun with WORLD_SIZE=3" in found
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert problems(make_cfg(*FAST)) == []
-    found = " ".join(problems(make_cfg(*FAST, "rollout=vllm")))
-    assert "rollout.engine=vllm with 2 torchrun processes is not supported yet" in found
+    assert problems(make_cfg(*FAST, "rollout=vllm")) == []  # one engine per rank
+    found = " ".join(problems(make_cfg(*FAST, "rollout=vllm", "rollout.tensor_parallel_size=2")))
+    assert "rollout.tensor_parallel_size=2 with rollout=vllm under torchrun is not supported yet" in found
     found = " ".join(problems(make_cfg(*FAST, "trainer.minibatches=4")))
     assert "gives 2 prompts to each of 2 ranks, not divisible by trainer.minibatches=4" in found
     monkeypatch.delenv("WORLD_SIZE")

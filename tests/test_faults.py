@@ -32,7 +32,7 @@ from test_resume import (
 from trgrpo import checkpoint, train
 from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import learner as learner_module
-from trgrpo.models import load_policy
+from trgrpo.models.load import load_policy
 from trgrpo.records import Example
 from trgrpo.tasks import make_task
 from trgrpo.tasks.verify_pool import VerifyPool

@@ -11,7 +11,7 @@ import torch
 from trgrpo.learner.batch import collate, make_microbatches, pack
 from trgrpo.learner.learner import Learner
 from trgrpo.learner.logprobs import response_logprobs
-from trgrpo.models import encode_prompt
+from trgrpo.models.chat import encode_prompt
 from trgrpo.records import Completion, Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 

@@ -19,7 +19,7 @@ from trgrpo.learner.logprobs import (
     response_logprobs,
     token_logprobs,
 )
-from trgrpo.models import encode_prompt
+from trgrpo.models.chat import encode_prompt
 from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.train import enable_gradient_checkpointing

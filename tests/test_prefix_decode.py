@@ -12,7 +12,7 @@ import torch
 from conftest import make_cfg
 
 from trgrpo.config import ConfigError
-from trgrpo.models import encode_prompt
+from trgrpo.models.chat import encode_prompt
 from trgrpo.records import Sampling
 from trgrpo.rollout import prefix_decode
 from trgrpo.rollout.hf_engine import HFEngine

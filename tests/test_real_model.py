@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from trgrpo.models import encode_prompt, load_policy
+from trgrpo.models.chat import encode_prompt
+from trgrpo.models.load import load_policy
 from trgrpo.records import Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.tasks import make_task
@@ -57,7 +58,7 @@ def smol(_model_cache):
 def test_converted_folder_has_the_gguf_loads_logits(smol):
     from transformers import AutoModelForCausalLM
 
-    from trgrpo.model_files import package_file
+    from trgrpo.models.files import package_file
 
     model, tokenizer, cfg = smol
     file = package_file(cfg.model.path)
@@ -74,7 +75,7 @@ def test_converted_folder_has_the_gguf_loads_logits(smol):
 
 
 def test_conversion_is_cached_by_the_files_hash(smol, monkeypatch):
-    from trgrpo import model_files
+    from trgrpo.models import files as model_files
 
     model, _, cfg = smol
     folder = model_files.local_model(cfg.model.path)

@@ -45,7 +45,8 @@ def _config(task: str, algo: str, seed: int, *, lr: float = 2e-5, alpha: float =
         "algo": {"name": algo, "clip_high": 0.2, "weights": {"shape": "none" if algo == "grpo" else "sigmoid",
                                                              "alpha": alpha}},
         "model": {"name": "tiny", "path": None},
-        "trainer": {"steps": STEPS, "lr": lr, "resume": None},
+        "trainer": {"steps": STEPS, "lr": lr, "resume": None,
+                    "threads": "auto" if algo == "grpo" else seed + 1},  # never splits groups
         "logger": {"name": "jsonl", "project": f"p{seed}"},  # never splits groups
         "eval": {"checkpoint": f"/ckpt/{task}/{algo}/{seed}", "n": 4},  # an output path: ignored
     }  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import make_cfg
 
-from trgrpo.models import tiny_key, tiny_seed, warmstart_size
+from trgrpo.models.tiny import tiny_key, tiny_seed, warmstart_size
 
 
 def key(*overrides: str) -> str:

@@ -11,7 +11,8 @@ import torch
 from conftest import FAST, make_cfg
 
 from trgrpo.config import ConfigError
-from trgrpo.models import build_tiny, load_policy
+from trgrpo.models.load import load_policy
+from trgrpo.models.tiny import build_tiny
 from trgrpo.train import run
 
 ALGOS = ["grpo", "tr_grpo", "dr_grpo", "dapo", "ar", "tr_grpo_reverse", "tr_grpo_norm"]

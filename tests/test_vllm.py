@@ -21,7 +21,8 @@ from conftest import FAST, make_cfg
 
 from trgrpo.learner.batch import collate
 from trgrpo.learner.logprobs import response_logprobs
-from trgrpo.models import encode_prompt, load_policy
+from trgrpo.models.chat import encode_prompt
+from trgrpo.models.load import load_policy
 from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.tasks import make_task
@@ -222,7 +223,7 @@ def test_vllm_trains_the_other_tasks(task, tmp_path):
 def test_eval_with_vllm_matches_the_hf_engine(setup, tmp_path):
     """`trgrpo eval rollout=vllm`: greedy answers equal the hf engine's, so the greedy accuracy does."""
     from trgrpo.evaluate import run_eval
-    from trgrpo.models import build_tiny
+    from trgrpo.models.tiny import build_tiny
 
     cfg = make_cfg(*FAST)
     folder = build_tiny(cfg.model.tiny, cfg.task, seed=0)

@@ -7,6 +7,8 @@ converted to the typed `Config` here and nothing below this module sees OmegaCon
 wrong type, an override it cannot parse) print one line and exit 2, a diverged run (`NonFiniteStep`)
 exits 1 and Ctrl-C exits 130, all without a traceback. `trgrpo eval RUN_DIR|CHECKPOINT` takes the
 checkpoint as its first argument, as `trgrpo report DIR` does (or as `eval.checkpoint=`).
+`train -m` and `plan -m` go through trgrpo/sweep.py (a Hydra callback): every job is checked before the
+first starts, and a sweep job that fails is recorded in its run.json while the sweep goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from trgrpo import sweep
 from trgrpo.config import Config, ConfigError, register, resolve
 
 COMMANDS = ("train", "eval", "plan", "show", "report", "build-tiny")
@@ -133,12 +136,13 @@ def _checkpoint_argument(rest: list[str]) -> list[str]:
     return [f"eval.checkpoint='{quoted}'", *others]
 
 
-def _check_experiment() -> None:
-    """`experiment=<name>` is an optional group: Hydra skips a name it cannot find without a word."""
+def _check_experiment(choices=None) -> None:
+    """`experiment=<name>` is an optional group: Hydra skips a name it cannot find without a word.
+    `choices`: a composed config's hydra.runtime.choices (default: the running job's)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    name = HydraConfig.get().runtime.choices.get("experiment")
+    name = (HydraConfig.get().runtime.choices if choices is None else choices).get("experiment")
     if name is None:
         return
     options = GlobalHydra.instance().config_loader().get_group_options("experiment")
@@ -146,9 +150,11 @@ def _check_experiment() -> None:
         raise ConfigError(f"experiment={name}: no such experiment; choose one of: {_choices(options)}")
 
 
-def _log_to_files(err: Exception) -> None:
-    """Record a user error in the run's log file, not on the console (stderr gets it once, below)."""
-    record = logging.LogRecord("trgrpo", logging.ERROR, __file__, 0, "%s", (err,), None)
+def _log_to_files(err: BaseException, trace: bool = False) -> None:
+    """Record an error in the run's log file (with its traceback if `trace`), not on the console
+    (stderr gets it once, below)."""
+    exc_info = (type(err), err, err.__traceback__) if trace else None
+    record = logging.LogRecord("trgrpo", logging.ERROR, __file__, 0, "%s", (err,), exc_info)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -160,16 +166,21 @@ def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Calla
         try:
             _check_experiment()
             body(to_config(cfg), cfg)
-        except ConfigError as err:
-            _log_to_files(err)
-            print(f"trgrpo {name}: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print(f"trgrpo {name}: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception as err:  # not a compose error, whatever its type: `main` lets it through
+        except Exception as err:
+            if name == "train" and sweep.STATE.active:  # a sweep job: recorded, and the sweep goes on
+                _log_to_files(err, trace=not isinstance(err, ConfigError))
+                sweep.job_failed(name, err, 2 if isinstance(err, ConfigError) else 1)
+                return
+            if isinstance(err, ConfigError):
+                _log_to_files(err)
+                print(f"trgrpo {name}: error: {err}", file=sys.stderr)
+                sys.exit(2)
+            # not a compose error, whatever its type: `main` lets it through
             err.trgrpo_body = True  # type: ignore[attr-defined]
             raise
+        except KeyboardInterrupt:
+            print(f"trgrpo {name}: interrupted{sweep.resume_hint()}", file=sys.stderr)
+            sys.exit(130)
 
     return app
 
@@ -183,9 +194,13 @@ def _train(cfg: Config, raw: DictConfig) -> None:
     from trgrpo.train import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if sweep.STATE.active and sweep.prepare_job(cfg, run_dir):  # finished earlier: skipped
+        return
     try:
         run(cfg, run_dir)
     except NonFiniteStep as err:  # training diverged: a result to report, not a bug to trace
+        if sweep.STATE.active:
+            raise  # recorded by the job wrapper; the sweep goes on
         _log_to_files(err)
         print(f"trgrpo train: error: {err} (run: {run_dir})", file=sys.stderr)
         sys.exit(1)
@@ -211,7 +226,7 @@ def _show(cfg: Config, raw: DictConfig) -> None:
 
 def _build_tiny(cfg: Config, raw: DictConfig) -> None:
     from trgrpo import host
-    from trgrpo.models import build_tiny, tiny_seed
+    from trgrpo.models.tiny import build_tiny, tiny_seed
 
     host.configure(cfg.trainer)
     path = build_tiny(cfg.model.tiny, cfg.task, seed=tiny_seed(cfg.model.tiny, cfg.seed), force=True)
@@ -245,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     register()
     sys.argv = [f"trgrpo {command}", *rest]
+    if command in ("train", "plan"):  # a multirun is checked whole before its first job (trgrpo/sweep.py)
+        target = "hydra.callbacks.trgrpo_sweep"
+        sys.argv += [f"+{target}._target_=trgrpo.sweep.SweepCheck", f"+{target}.command={command}"]
     # plan/show/eval never write a run directory of their own.
     if command in ("plan", "show", "build-tiny"):
         sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled"]
@@ -255,12 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_app(command, BODIES[command])()
+    except sweep.SweepStop as stop:  # the sweep's check or summary is printed
+        return stop.code
+    except KeyboardInterrupt:  # outside a job (e.g. while a sweep's jobs are checked)
+        print(f"trgrpo {command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
         if user_full_error == "1" or getattr(err, "trgrpo_body", False):
             raise
         print(f"trgrpo {command}: error: {compose_message(err)}", file=sys.stderr)
         return 2
     finally:
+        sweep.reset()
         if user_full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

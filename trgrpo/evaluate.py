@@ -106,7 +106,7 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from trgrpo import host
-    from trgrpo.models import context_limit, load_policy
+    from trgrpo.models.load import context_limit, load_policy
     from trgrpo.rollout import make_engine
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
@@ -120,9 +120,15 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
         model_cfg = dataclasses.replace(cfg.model, path=resolve_model_path(e.checkpoint))
     out_dir = out_dir or Path(HydraConfig.get().runtime.output_dir)
     task = make_task(cfg.task)
+    examples = task.dataset("test", e.size, cfg.task.data_seed)  # checked before the model is loaded
+    if not examples:
+        raise ConfigError(
+            f"task={cfg.task.name}: the test split is empty (eval.size={e.size}): these settings allow too "
+            "few distinct problems once the training pool is removed; widen the task's settings or lower "
+            "task.train_size"
+        )
     policy, tokenizer = load_policy(model_cfg, cfg.task, seed=cfg.seed)
     engine = make_engine(cfg.rollout, policy, tokenizer, seed=cfg.seed, precision=cfg.trainer.precision)
-    examples = task.dataset("test", e.size, cfg.task.data_seed)
     rows: list[dict[str, Any]] = []
     with (
         VerifyPool(

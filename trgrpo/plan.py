@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from trgrpo.algo.losses import LOG_RATIO_CLAMP
 from trgrpo.config import Config, ModelConfig
-from trgrpo.model_files import PACKAGE_SCHEME
+from trgrpo.models.files import PACKAGE_SCHEME
 from trgrpo.plan_weights import PROBES, curve  # noqa: F401 (PROBES, curve re-exported)
 from trgrpo.plan_weights import weight_rows as token_weight_rows
 from trgrpo.validation import problems, validate

@@ -21,8 +21,16 @@ from typing import Any
 import numpy as np
 
 BASELINE = "grpo"  # every other algorithm is compared with this one; listed first
-# Config keys that never split groups: the seed, where outputs go, how metrics are logged.
-IGNORED_KEYS = ("seed", "task.name", "algo.name", "trainer.resume", "eval.checkpoint")
+# Config keys that never split groups: the seed, where outputs go, how metrics are logged, how many
+# CPU threads did the arithmetic (the same experiment, summed in a different order).
+IGNORED_KEYS = (
+    "seed",
+    "task.name",
+    "algo.name",
+    "trainer.resume",
+    "trainer.threads",
+    "eval.checkpoint",
+)
 IGNORED_PREFIXES = ("hydra.", "logger.")
 IGNORED_LEAVES = ("output_dir", "out_dir", "run_dir", "save_dir", "log_dir", "output")
 
@@ -145,10 +153,14 @@ def _status_problem(info: dict[str, Any] | None) -> str | None:
     status = info.get("status")
     if status == "finished":
         return None
+    where = f"last step {info.get('last_step', '?')} of {info.get('steps', '?')}"
     if status == "failed":
-        return f"failed: {info.get('error') or 'no error message'}"
+        code = f" (exit {info['exit_code']})" if "exit_code" in info else ""
+        return f"failed: {info.get('error') or 'no error message'}{code}"
     if status == "running":
-        return f"still running or killed (last step {info.get('last_step', '?')} of {info.get('steps', '?')})"
+        return f"still running or killed ({where})"
+    if status == "interrupted":
+        return f"interrupted ({where}): resume it with trainer.resume=auto, or re-run its sweep"
     return f"unknown status {status!r} in run.json"
 
 

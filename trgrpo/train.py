@@ -32,7 +32,7 @@ from trgrpo.interrupts import InterruptGuard
 from trgrpo.learner import distributed, fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
 from trgrpo.metrics import MetricsLogger, truncate_logs, write_status
-from trgrpo.models import context_limit, load_policy
+from trgrpo.models.load import context_limit, load_policy
 from trgrpo.records import Rollout, Sampling
 from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trgrpo import model_files
 from trgrpo.config import (
     Config,
     ConfigError,
@@ -16,6 +15,7 @@ from trgrpo.config import (
     ToolQATaskConfig,
     TrainerConfig,
 )
+from trgrpo.models import files as model_files
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -127,10 +127,11 @@ def problems(cfg: Config) -> list[str]:
             "minibatches must hold whole groups",
         ),
         (
-            ranks == 1 or r.engine == "hf",
-            f"rollout.engine={r.engine} with {ranks} torchrun processes is not supported yet (each rank "
-            "would need its own vLLM engine outside the learner's process group): use rollout=hf under "
-            "torchrun, or one process with rollout=vllm",
+            not (mode == "true" or (mode == "auto" and world > 1))
+            or r.engine != "vllm"
+            or r.tensor_parallel_size == 1,
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size} with rollout=vllm under torchrun is "
+            "not supported yet (each rank runs its own engine): set rollout.tensor_parallel_size=1",
         ),
         (
             ranks == 1 or not t.compile,

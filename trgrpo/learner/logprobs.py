@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from trgrpo.learner.batch import MicroBatch
+from trgrpo.models.body import decoder, dynamic_cache, with_cache
 
 
 def _chunk_logprobs(
@@ -99,21 +100,6 @@ def float32_attention(model) -> bool:
     else:
         model.config._attn_implementation = FLOAT32_SDPA
     return True
-
-
-def decoder(model):
-    """The body of a causal LM: everything before the lm_head (returns hidden states)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-
-
-def dynamic_cache(config):
-    """An empty transformers DynamicCache for a model of `config` (which gives its layer types)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # older transformers
-        return DynamicCache()
 
 
 def response_logprobs(
@@ -210,8 +196,8 @@ def _shared_body(body, config, mb: MicroBatch) -> Tensor:
         input_ids=mb.input_ids[first, :p],
         attention_mask=mb.attention_mask[first, :p],
         position_ids=mb.position_ids[first, :p],
-        past_key_values=cache,
         use_cache=True,
+        **with_cache(body, cache),
     ).last_hidden_state
     last = prompt[:, -1:][mb.owner]  # [B, 1, H]: the prompt's last state predicts response token 0
     if t == 1:
@@ -221,8 +207,8 @@ def _shared_body(body, config, mb: MicroBatch) -> Tensor:
         input_ids=mb.input_ids[:, p : p + t - 1],
         attention_mask=mb.attention_mask[:, : p + t - 1],
         position_ids=mb.position_ids[:, p : p + t - 1],
-        past_key_values=cache,
         use_cache=True,
+        **with_cache(body, cache),
     ).last_hidden_state
     return torch.cat([last, rest], dim=1)
 

@@ -18,7 +18,7 @@ from trgrpo.tasks.verify_pool import VerifyPool
 def encode_prompts(
     tokenizer, examples: Sequence[Example], *, limit: int, max_new_tokens: int
 ) -> list[list[int]]:
-    from trgrpo.models import encode_prompt
+    from trgrpo.models.chat import encode_prompt
 
     prompts = [encode_prompt(tokenizer, ex.prompt, ex.context) for ex in examples]
     longest = max((len(p) for p in prompts), default=0)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from trgrpo.config import ConfigError
+from trgrpo.models.body import with_cache
 from trgrpo.records import Completion, Sampling
 from trgrpo.rollout import prefix_decode
 
@@ -145,9 +146,8 @@ class HFEngine:
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if sampling.n > 1 and width > 1:
-            kwargs["past_key_values"] = self._prefill(
-                input_ids, attention, sampling.n, max_len=width + sampling.max_new_tokens
-            )
+            prefix = self._prefill(input_ids, attention, sampling.n, max_len=width + sampling.max_new_tokens)
+            kwargs.update(with_cache(self.model, prefix))
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
         attention = attention.repeat_interleave(sampling.n, dim=0)
         result = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trgrpo.learner.logprobs import decoder, dynamic_cache
+from trgrpo.models.body import decoder, dynamic_cache, with_cache
 
 ATTENTION_NAME = "trgrpo_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -174,12 +174,13 @@ def prompt_cache(model, input_ids: Tensor, attention: Tensor):
     if not mask.shape[1]:
         return None
     cache = dynamic_cache(model.config)
-    decoder(model)(
+    body = decoder(model)
+    body(
         input_ids=input_ids[:, :-1],
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
         use_cache=True,
+        **with_cache(body, cache),
     )
     return cache
 

