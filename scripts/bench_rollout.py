@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from trgrpo.config import RolloutConfig, TinyConfig
-from trgrpo.records import Sampling
+from trgrpo.config.schema import RolloutConfig, TinyConfig
+from trgrpo.run.records import Sampling
 
 ENGINES = ("hf", "hf-generate", "vllm")
 MODELS = {
@@ -36,7 +36,7 @@ def make_prompts(count: int):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from trgrpo.config import register
+    from trgrpo.config.schema import register
     from trgrpo.models.chat import encode_prompt
     from trgrpo.models.tiny import _train_tokenizer
     from trgrpo.tasks import make_task

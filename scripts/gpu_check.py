@@ -77,7 +77,7 @@ def compose(*over: str):
     from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
-    from trgrpo.config import register, resolve
+    from trgrpo.config.schema import register, resolve
 
     register()
     with initialize_config_module("trgrpo.conf", version_base=None):
@@ -158,7 +158,7 @@ def fsdp_run(mode: str, work: Path) -> dict:
 
 def fsdp_worker(spec_path: str) -> None:
     """One torchrun rank: join the group first (to record its backend), then train sharded."""
-    from trgrpo.learner import distributed
+    from trgrpo.run import distributed
     from trgrpo.train import run
 
     spec = json.loads(Path(spec_path).read_text())
@@ -202,7 +202,7 @@ def section(results: dict, name: str, fn) -> None:
 
 
 def check(mode: str, work: Path) -> dict:
-    from trgrpo import host
+    from trgrpo.run import host
 
     results: dict = {"environment": environment(mode), "overrides": overrides(mode)}
     sizes = SIZES[mode]

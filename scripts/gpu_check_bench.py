@@ -33,7 +33,7 @@ def free_memory(device: torch.device) -> None:
 
 def matmul_rates(device: torch.device, size: int, repeats: int = 10) -> dict:
     """TFLOP/s of a size × size × size matmul in bf16 and fp32 on `device` (mean of `repeats` after
-    three warm-ups, random data; trgrpo/host.py's CPU probe, sized for a GPU)."""
+    three warm-ups, random data; trgrpo/run/host.py's CPU probe, sized for a GPU)."""
     gen = torch.Generator(device=device).manual_seed(0)
     out = {"size": size}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -76,8 +76,8 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 def generation(model, tokenizer, *, prompts: int, n: int, tokens: int, repeats: int) -> dict:
     """The hf engine (bf16, as in training) sampling `n` completions of `tokens` new tokens for each
     of `prompts` prompts of 48 tokens; tokens/s counts the tokens returned (EOS can end one early)."""
-    from trgrpo.records import Sampling
     from trgrpo.rollout.hf_engine import HFEngine
+    from trgrpo.run.records import Sampling
 
     device = next(model.parameters()).device
     engine = HFEngine(model, tokenizer, precision="bf16")
@@ -103,7 +103,7 @@ def generation(model, tokenizer, *, prompts: int, n: int, tokens: int, repeats: 
 
 def synthetic_rollouts(rows: int, prompt: tuple[int, int], response: tuple[int, int], vocab: int):
     """`rows` rollouts with distinct random prompts and responses, lengths uniform in the ranges."""
-    from trgrpo.records import Completion, Example, Reward, Rollout
+    from trgrpo.run.records import Completion, Example, Reward, Rollout
 
     gen = random.Random(0)
     out = []

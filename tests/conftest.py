@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from trgrpo.config import Config, register, resolve
+from trgrpo.config.schema import Config, register, resolve
 
 FAST = [
     "model.tiny.warmstart_steps=120",
@@ -77,7 +77,7 @@ def run_dir(tmp_path) -> Path:
 def join_ranks(rank: int, port: int, world: int, device: str = "cpu") -> torch.device:
     """In a spawned test worker: the torchrun environment for `rank` of `world`, one torch thread,
     then the default process group (gloo on CPU, nccl on CUDA). Returns the rank's device."""
-    from trgrpo.learner import distributed
+    from trgrpo.run import distributed
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",

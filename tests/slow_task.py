@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from trgrpo.records import Example, Reward
+from trgrpo.run.records import Example, Reward
 
 
 class MisbehavingTask:

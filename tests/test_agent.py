@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trgrpo.records import Completion, Example, Sampling
 from trgrpo.rollout.agent import run_agent
+from trgrpo.run.records import Completion, Example, Sampling
 
 Plan = Callable[[int, int, int], str]  # (prompt index, sample index, turn) → the text generated that turn
 

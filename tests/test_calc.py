@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from trgrpo.records import Example
+from trgrpo.run.records import Example
 from trgrpo.tasks.calc import MAX_EXPRESSION_CHARS, CalcTool, evaluate
 
 EXAMPLE = Example("x", "prompt", "0")

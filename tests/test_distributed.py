@@ -21,15 +21,15 @@ import torch
 import torch.multiprocessing as mp
 from conftest import FAST, join_ranks, make_cfg, make_learner
 
-from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages
-from trgrpo.learner import distributed, fsdp
+from trgrpo.learner import fsdp
 from trgrpo.learner.learner import Learner
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
-from trgrpo.sampler import PromptSampler
+from trgrpo.run import checkpoint, distributed
+from trgrpo.run.records import Example, Reward, Rollout, Sampling
+from trgrpo.run.sampler import PromptSampler
 from trgrpo.train import run
 
 pytestmark = pytest.mark.distributed
@@ -95,7 +95,7 @@ def _worker(rank: int, port: int, cfg, sgd_cfg, norm_cfg, data: Path, out: Path)
     mine = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
     metrics = learner.step(rollouts[mine], advantages[mine], group_size=cfg.rollout.group_size)
     params = {name: t.clone() for name, t in fsdp.full_parameters(model)}
-    checkpoint.save_sharded(
+    fsdp.save_sharded(
         out / "checkpoints",
         1,
         model=model,
@@ -234,7 +234,7 @@ def test_torchrun_trains_logging_from_rank_zero_and_one_process_resumes(tiny, tm
 
 
 def test_config_checks_name_the_fields_under_torchrun(monkeypatch):
-    from trgrpo.validation import problems
+    from trgrpo.config.validation import problems
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     found = " ".join(problems(make_cfg(*FAST)))  # 4 prompts over 3 ranks

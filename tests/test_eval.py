@@ -13,9 +13,9 @@ from collections import defaultdict
 import pytest
 from conftest import FAST, make_cfg
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 from trgrpo.evaluate import resolve_model_path, run_eval
-from trgrpo.stats import pass_at_k
+from trgrpo.report.stats import pass_at_k
 from trgrpo.train import run
 
 SIZE, N = 8, 4

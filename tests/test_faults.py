@@ -29,11 +29,12 @@ from test_resume import (
     wait_for_step,
 )
 
-from trgrpo import checkpoint, train
-from trgrpo.interrupts import InterruptGuard
+from trgrpo import train
 from trgrpo.learner import learner as learner_module
 from trgrpo.models.load import load_policy
-from trgrpo.records import Example
+from trgrpo.run import checkpoint
+from trgrpo.run.interrupts import InterruptGuard
+from trgrpo.run.records import Example
 from trgrpo.tasks import make_task
 from trgrpo.tasks.verify_pool import VerifyPool
 

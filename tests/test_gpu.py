@@ -17,13 +17,14 @@ import torch.multiprocessing as mp
 from conftest import FAST, join_ranks, make_cfg, make_learner
 
 from trgrpo.algo.advantages import group_advantages
-from trgrpo.learner import distributed, fsdp
+from trgrpo.learner import fsdp
 from trgrpo.learner.batch import collate, to_device
 from trgrpo.learner.logprobs import response_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run import distributed
+from trgrpo.run.records import Example, Reward, Rollout, Sampling
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)

@@ -1,4 +1,4 @@
-"""Host memory reuse (trgrpo/host.py): after `reuse_freed_memory`, reallocating what a step freed
+"""Host memory reuse (trgrpo/run/host.py): after `reuse_freed_memory`, reallocating what a step freed
 costs far fewer page faults; by default glibc hands much of it back and the kernel zeroes it again
 (the learner's real pattern goes from ~200k faults a step to ~0: docs/BENCHMARKS.md)."""
 
@@ -11,7 +11,7 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
-from trgrpo.host import reuse_freed_memory
+from trgrpo.run.host import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 faults = []

@@ -1,4 +1,4 @@
-"""trainer.threads and trainer.precision resolved for the machine (trgrpo/host.py): `auto` threads from
+"""trainer.threads and trainer.precision resolved for the machine (trgrpo/run/host.py): `auto` threads from
 the CPU affinity and cgroup quota, `auto` precision from a matmul probe (monkeypatched here: no test
 depends on this machine's speed), explicit values winning, the errors that name the fields, and a run
 recording what it resolved."""
@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import FAST, make_cfg
 
-from trgrpo import checkpoint, host
-from trgrpo.config import ConfigError, TrainerConfig
+from trgrpo.config.plan import plan_lines
+from trgrpo.config.schema import ConfigError, TrainerConfig
+from trgrpo.config.validation import problems
 from trgrpo.learner.logprobs import Scorer
-from trgrpo.plan import plan_lines
-from trgrpo.validation import problems
+from trgrpo.run import checkpoint, host
 
 
 @pytest.fixture(autouse=True)

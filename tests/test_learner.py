@@ -12,8 +12,8 @@ from trgrpo.learner.batch import collate, make_microbatches, pack
 from trgrpo.learner.learner import Learner
 from trgrpo.learner.logprobs import response_logprobs
 from trgrpo.models.chat import encode_prompt
-from trgrpo.records import Completion, Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run.records import Completion, Example, Reward, Rollout, Sampling
 
 
 def _rollouts(model, tokenizer, n_prompts=3, n=4, seed=0):

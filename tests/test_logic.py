@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from trgrpo.config import LogicTaskConfig
-from trgrpo.records import Example
+from trgrpo.config.schema import LogicTaskConfig
+from trgrpo.run.records import Example
 from trgrpo.tasks.logic import LogicTask, render_solution
 
 NAMES = ["Ava", "Liam", "Zoey"]

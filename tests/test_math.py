@@ -9,8 +9,8 @@ import pytest
 from conftest import make_cfg
 from slow_task import MisbehavingTask
 
-from trgrpo.config import GeneratorConfig, MathTaskConfig, TaskConfig
-from trgrpo.records import Example
+from trgrpo.config.schema import GeneratorConfig, MathTaskConfig, TaskConfig
+from trgrpo.run.records import Example
 from trgrpo.tasks import make_task
 from trgrpo.tasks.answer import last_boxed, last_tag
 from trgrpo.tasks.math_qa import gold_from
@@ -89,7 +89,7 @@ def test_demonstrations_score_one(task):
 
 
 def test_unknown_generator_names_the_field():
-    from trgrpo.config import ConfigError
+    from trgrpo.config.schema import ConfigError
 
     cfg = MathTaskConfig(generators=[GeneratorConfig(name="no_such_generator")])
     with pytest.raises(ConfigError, match=r"task.generators\[0\]"):
@@ -172,7 +172,7 @@ def test_few_shot_examples_in_the_user_message_for_train_and_test():
 
 
 def test_few_shot_problems_are_one_line_config_errors():
-    from trgrpo.validation import problems
+    from trgrpo.config.validation import problems
 
     found = " ".join(problems(make_cfg("task.few_shot_style=system")))
     assert "task.few_shot_style='system' is not valid; choose one of: user, chat" in found

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import FAST, make_cfg
 
+from trgrpo.config.validation import problems
 from trgrpo.learner.batch import collate
 from trgrpo.learner.logprobs import (
     FLOAT32_SDPA,
@@ -20,10 +21,9 @@ from trgrpo.learner.logprobs import (
     token_logprobs,
 )
 from trgrpo.models.chat import encode_prompt
-from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run.records import Example, Reward, Rollout, Sampling
 from trgrpo.train import enable_gradient_checkpointing
-from trgrpo.validation import problems
 
 
 def _batch(model, tokenizer, seed=0):

@@ -11,9 +11,9 @@ import pytest
 from conftest import make_cfg
 
 import trgrpo.conf
-from trgrpo.config import ConfigError
-from trgrpo.plan import PROBES, microbatches, numbers, plan_lines, print_plan
-from trgrpo.validation import problems
+from trgrpo.config.plan import PROBES, microbatches, numbers, plan_lines, print_plan
+from trgrpo.config.schema import ConfigError
+from trgrpo.config.validation import problems
 
 CONF = Path(trgrpo.conf.__file__).parent
 TOKEN_MEAN = "Σ over all response tokens of the optimizer step / their count"

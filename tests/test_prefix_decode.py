@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
+from trgrpo.config.validation import problems
 from trgrpo.models.chat import encode_prompt
-from trgrpo.records import Sampling
 from trgrpo.rollout import prefix_decode
 from trgrpo.rollout.hf_engine import HFEngine
-from trgrpo.validation import problems
+from trgrpo.run.records import Sampling
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=12, n=3)
 

@@ -15,8 +15,8 @@ from conftest import make_cfg
 
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.records import Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run.records import Sampling
 from trgrpo.tasks import make_task
 
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from trgrpo.report import main
+from trgrpo.report.tables import main
 
 T2 = 4.302652729749462  # t_{0.975} with 2 degrees of freedom: 3 seeds
 STEPS = 20
@@ -134,7 +134,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and t-interval over 3 seeds, written out so the test does not use trgrpo.stats."""
+    """Mean and t-interval over 3 seeds, written out so the test does not use trgrpo.report.stats."""
     mean = sum(values) / 3
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
     return mean, mean - T2 * sd / math.sqrt(3), mean + T2 * sd / math.sqrt(3)
@@ -268,8 +268,8 @@ def test_no_runs_and_missing_dir_fail_cleanly(tmp_path: Path, capsys: pytest.Cap
 def test_bucket_weight_mean_is_token_weighted_and_skips_empty_steps() -> None:
     """A step whose bucket held no token logs weight_mean 0.0: it must not pull the mean down. Steps
     count by their tokens in the bucket: (1.0·0.5·100 + 1.4·0.1·300) / (0.5·100 + 0.1·300) = 1.15."""
-    from trgrpo.report_plots import bucket_weight_mean
-    from trgrpo.report_runs import Group, Run
+    from trgrpo.report.plots import bucket_weight_mean
+    from trgrpo.report.runs import Group, Run
 
     rows = [
         {"step": 1, "train/tokens": 100.0, "buckets/b/token_share": 0.5, "buckets/b/weight_mean": 1.0},
@@ -286,8 +286,8 @@ def test_bucket_weight_mean_is_token_weighted_and_skips_empty_steps() -> None:
 
 
 def test_reward_figure_puts_each_part_of_the_reward_beside_it() -> None:
-    from trgrpo.report_plots import plot_reward, reward_parts
-    from trgrpo.report_runs import Group, Run
+    from trgrpo.report.plots import plot_reward, reward_parts
+    from trgrpo.report.runs import Group, Run
 
     # a gamed run: reward rises through its format part while reward/correct stays at 0
     metrics = [

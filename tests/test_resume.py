@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, make_cfg
 
-from trgrpo import checkpoint
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
+from trgrpo.run import checkpoint
 from trgrpo.train import run
 
 STEPS = 8

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from trgrpo.config import LoggerConfig
-from trgrpo.metrics import MetricsLogger, reward_without_correctness
+from trgrpo.config.schema import LoggerConfig
+from trgrpo.run.metrics import MetricsLogger, reward_without_correctness
 
 # The gamed run of the real model: the format share rose from ~8% to 97% while correct stayed at 0.
 GAMED = [(0.02 + 0.2 * 0.9 * k / 29, 0.0) for k in range(30)]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from trgrpo.stats import (
+from trgrpo.report.stats import (
     bootstrap_ci,
     mean_ci_over_seeds,
     moving_average,

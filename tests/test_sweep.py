@@ -20,9 +20,9 @@ import torch
 from conftest import FAST, make_cfg
 from test_resume import RUN, assert_same_rows, comparable, finish, reference_rows, wait_for_step
 
-from trgrpo import checkpoint
-from trgrpo.config import ConfigError
-from trgrpo.records import Example
+from trgrpo.config.schema import ConfigError
+from trgrpo.run import checkpoint
+from trgrpo.run.records import Example
 from trgrpo.sweep import LOCK
 from trgrpo.tasks import make_task
 from trgrpo.tasks.data import task_data
@@ -134,7 +134,7 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
     assert status(runs[3])["status"] == "finished" and status(runs[3])["last_step"] == 2
     assert "Traceback" in next(runs[1].glob("*.log")).read_text()  # the trace is in the job's log only
 
-    from trgrpo.report import main as report
+    from trgrpo.report.tables import main as report
 
     assert report([str(sweep), "--format", "md"]) == 0
     excluded = (sweep / "report.md").read_text().split("## Runs not included")[1]
@@ -213,7 +213,8 @@ def test_a_held_out_split_with_fewer_distinct_problems_than_eval_size_warns(capl
 @pytest.mark.parametrize("task", ["math", "logic", "tool_qa"])
 def test_every_task_checks_its_data_sizes(task, caplog):
     """Every task's data goes through task_data before a model is loaded: disjoint splits, and a
-    held-out split that repeats problems warns (math's default 128 draws of 2-digit sums repeat some)."""
+    held-out split that repeats many problems warns (math's default 128 draws of 2-digit sums repeat a
+    few: no warning for those)."""
     sizes = ["task.train_size=512", "task.eval_size=128"] if task == "math" else []
     cfg = make_cfg(*FAST, f"task={task}", *sizes)
     with caplog.at_level(logging.WARNING, logger="trgrpo"):
@@ -221,6 +222,7 @@ def test_every_task_checks_its_data_sizes(task, caplog):
     assert len(train) == cfg.task.train_size and len(held_out) == cfg.task.eval_size
     assert not {ex.prompt for ex in train} & {ex.prompt for ex in held_out}
     distinct = len({ex.prompt for ex in held_out})
-    assert (f"held-out split has {distinct} distinct problems" in caplog.text) == (distinct < len(held_out))
+    warned = f"held-out split has {distinct} distinct problems" in caplog.text
+    assert warned == (distinct < 0.9 * len(held_out))
     if task == "math":
-        assert distinct < len(held_out)
+        assert 0.9 * len(held_out) <= distinct < len(held_out)

@@ -3,6 +3,9 @@ warm-start length comes from the task unless model.tiny.warmstart_steps is set."
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from conftest import make_cfg
 
 from trgrpo.models.tiny import tiny_key, tiny_seed, warmstart_size
@@ -49,3 +52,31 @@ def test_model_tiny_seed_shares_one_base_model_across_run_seeds():
     assert effective_key("seed=1") != effective_key("seed=0")
     assert effective_key("seed=1", "model.tiny.seed=0") == effective_key("seed=0")
     assert effective_key("seed=2", "model.tiny.seed=0") == effective_key("seed=0", "model.tiny.seed=0")
+
+
+def _hold_lock(target: str, seconds: float, queue) -> None:
+    from trgrpo.models.files import cache_lock
+
+    with cache_lock(Path(target)):
+        queue.put(("in", time.time()))
+        time.sleep(seconds)
+        queue.put(("out", time.time()))
+
+
+def test_cache_lock_makes_a_second_builder_wait(tmp_path):
+    """torchrun ranks asking for the same tiny model (or GGUF folder) at once: one builds, the other
+    waits for it and then finds the folder, instead of deleting it under the first one's feet."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    target = str(tmp_path / "tiny" / "math-abc")
+    first = ctx.Process(target=_hold_lock, args=(target, 1.5, queue))
+    first.start()
+    assert queue.get(timeout=60)[0] == "in"
+    second = ctx.Process(target=_hold_lock, args=(target, 0.0, queue))
+    second.start()
+    events = [queue.get(timeout=60) for _ in range(3)]
+    first.join(30), second.join(30)
+    assert [e[0] for e in events] == ["out", "in", "out"]  # the second got in only after the first left
+    assert events[1][1] >= events[0][1]

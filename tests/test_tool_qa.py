@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-from trgrpo.config import ToolQATaskConfig
-from trgrpo.records import Example
+from trgrpo.config.schema import ToolQATaskConfig
+from trgrpo.run.records import Example
 from trgrpo.tasks.tool_qa import ToolQATask
 from trgrpo.tasks.tool_qa_world import YEARS, build_world, word_split
 

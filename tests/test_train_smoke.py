@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FAST, make_cfg
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 from trgrpo.models.load import load_policy
 from trgrpo.models.tiny import build_tiny
 from trgrpo.train import run

@@ -23,8 +23,8 @@ from trgrpo.learner.batch import collate
 from trgrpo.learner.logprobs import response_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.records import Example, Reward, Rollout, Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run.records import Example, Reward, Rollout, Sampling
 from trgrpo.tasks import make_task
 from trgrpo.train import run
 

@@ -27,13 +27,13 @@ import torch.multiprocessing as mp
 from conftest import FAST, join_ranks, make_cfg
 from test_vllm import GREEDY, LOGPROB_ATOL, learner_logprobs
 
-from trgrpo import checkpoint
 from trgrpo.algo.advantages import group_advantages
-from trgrpo.learner import distributed, fsdp
+from trgrpo.learner import fsdp
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.records import Sampling
 from trgrpo.rollout.hf_engine import HFEngine
+from trgrpo.run import checkpoint, distributed
+from trgrpo.run.records import Sampling
 from trgrpo.train import build, sample_groups
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed]

@@ -33,7 +33,7 @@ from omegaconf.errors import (
 )
 
 from trgrpo import sweep
-from trgrpo.config import Config, ConfigError, register, resolve
+from trgrpo.config.schema import Config, ConfigError, register, resolve
 
 COMMANDS = ("train", "eval", "plan", "show", "report", "build-tiny")
 USAGE = (
@@ -136,7 +136,7 @@ def _checkpoint_argument(rest: list[str]) -> list[str]:
     return [f"eval.checkpoint='{quoted}'", *others]
 
 
-def _check_experiment(choices=None) -> None:
+def check_experiment(choices=None) -> None:
     """`experiment=<name>` is an optional group: Hydra skips a name it cannot find without a word.
     `choices`: a composed config's hydra.runtime.choices (default: the running job's)."""
     from hydra.core.global_hydra import GlobalHydra
@@ -164,7 +164,7 @@ def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Calla
     @hydra.main(config_path="conf", config_name="config", version_base=None)
     def app(cfg: DictConfig) -> None:
         try:
-            _check_experiment()
+            check_experiment()
             body(to_config(cfg), cfg)
         except Exception as err:
             if name == "train" and sweep.STATE.active:  # a sweep job: recorded, and the sweep goes on
@@ -213,7 +213,7 @@ def _eval(cfg: Config, raw: DictConfig) -> None:
 
 
 def _plan(cfg: Config, raw: DictConfig) -> None:
-    from trgrpo.plan import print_plan
+    from trgrpo.config.plan import print_plan
 
     print_plan(cfg)
 
@@ -225,8 +225,8 @@ def _show(cfg: Config, raw: DictConfig) -> None:
 
 
 def _build_tiny(cfg: Config, raw: DictConfig) -> None:
-    from trgrpo import host
     from trgrpo.models.tiny import build_tiny, tiny_seed
+    from trgrpo.run import host
 
     host.configure(cfg.trainer)
     path = build_tiny(cfg.model.tiny, cfg.task, seed=tiny_seed(cfg.model.tiny, cfg.seed), force=True)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if command == "report":
-        from trgrpo.report import main as report_main
+        from trgrpo.report.tables import main as report_main
 
         return report_main(rest)
     if command == "eval":

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from trgrpo.config import Config, ConfigError, TaskConfig, resolve
-from trgrpo.records import Example, Rollout, Sampling
+from trgrpo.config.schema import Config, ConfigError, TaskConfig, resolve
+from trgrpo.report.stats import summarize
 from trgrpo.rollout.collect import sample_and_score
-from trgrpo.stats import summarize
+from trgrpo.run.records import Example, Rollout, Sampling
 
 log = logging.getLogger("trgrpo")
 
@@ -84,7 +84,7 @@ def evaluate_examples(
 
 def resolve_model_path(spec: str) -> str:
     """A checkpoint folder, a run folder (its newest checkpoint), or a model path / hub id as given."""
-    from trgrpo import checkpoint
+    from trgrpo.run import checkpoint
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").exists():
@@ -105,9 +105,9 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from trgrpo import host
     from trgrpo.models.load import context_limit, load_policy
     from trgrpo.rollout import make_engine
+    from trgrpo.run import host
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.text import Text
 
-from trgrpo.config import Config, ConfigError
-from trgrpo.records import Example, Reward
+from trgrpo.config.schema import Config, ConfigError
+from trgrpo.run.records import Example, Reward
 from trgrpo.tasks import TASKS, Task, make_task
 
 SHOW_COUNT = 5  # examples shown (fewer when eval.size is smaller)

@@ -68,8 +68,8 @@ def prepare_job(cfg, run_dir: Path) -> bool:
     """Before a sweep job trains: True if its folder holds a finished run (skip it). An earlier attempt
     resumes from its newest checkpoint (trainer.resume=auto); one without a checkpoint starts again as
     configured (trainer.resume=auto, when unset, drops the attempt's logs)."""
-    from trgrpo.checkpoint import wants_resume
-    from trgrpo.metrics import write_status
+    from trgrpo.run.checkpoint import wants_resume
+    from trgrpo.run.metrics import write_status
 
     state, detail = job_state(run_dir, cfg.trainer.steps)
     if state == "finished":
@@ -88,7 +88,7 @@ def job_failed(command: str, err: BaseException, code: int) -> None:
     """Record a failed sweep job in its run.json (status, error, exit code) and go on."""
     from hydra.core.hydra_config import HydraConfig
 
-    from trgrpo.metrics import write_status
+    from trgrpo.run.metrics import write_status
 
     hydra_cfg = HydraConfig.get()
     run_dir, num = Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.num

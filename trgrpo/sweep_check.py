@@ -41,7 +41,7 @@ class Job:
 def job_state(folder: Path, steps: int) -> tuple[str, str]:
     """(state, detail) of a job's folder: new, finished (at ≥ `steps`), resume (from its newest
     checkpoint) or restart (an earlier attempt without a checkpoint)."""
-    from trgrpo.checkpoint import list_checkpoints
+    from trgrpo.run.checkpoint import list_checkpoints
 
     path = folder / "run.json"
     if not path.is_file():
@@ -83,11 +83,11 @@ def _check_job(job: Job, master: DictConfig, loader, overrides: list[str]):
     """Compose one job as the launcher will; fill in its folder, state and problems; its Config."""
     from hydra.core.hydra_config import HydraConfig
 
-    from trgrpo.checkpoint import find_resume, list_checkpoints
-    from trgrpo.cli import _check_experiment, compose_message, to_config
-    from trgrpo.config import ConfigError
-    from trgrpo.resume_config import config_changes
-    from trgrpo.validation import problems
+    from trgrpo.cli import check_experiment, compose_message, to_config
+    from trgrpo.config.resume import config_changes
+    from trgrpo.config.schema import ConfigError
+    from trgrpo.config.validation import problems
+    from trgrpo.run.checkpoint import find_resume, list_checkpoints
 
     try:
         sweep_config = loader.load_sweep_config(master, overrides)
@@ -103,7 +103,7 @@ def _check_job(job: Job, master: DictConfig, loader, overrides: list[str]):
     previous = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(sweep_config)
     try:
-        _check_experiment(sweep_config.hydra.runtime.choices)
+        check_experiment(sweep_config.hydra.runtime.choices)
         cfg = to_config(raw)
     except Exception as err:  # ConfigError, or OmegaConf's own
         job.problems.append(" ".join(str(err).split()))
@@ -155,7 +155,7 @@ def _check_data(checked: list[tuple[Job, Any]]) -> None:
     """Build each distinct task config's data once (as a job does before loading its model)."""
     from dataclasses import asdict
 
-    from trgrpo.config import ConfigError
+    from trgrpo.config.schema import ConfigError
     from trgrpo.tasks import make_task
     from trgrpo.tasks.data import task_data
 

@@ -24,23 +24,23 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from trgrpo import checkpoint, host
 from trgrpo.algo.advantages import group_advantages, zero_advantage_groups
-from trgrpo.config import Config, resolve
+from trgrpo.config.schema import Config, resolve
+from trgrpo.config.validation import validate, wants_distributed
 from trgrpo.evaluate import evaluate_examples
-from trgrpo.interrupts import InterruptGuard
-from trgrpo.learner import distributed, fsdp
+from trgrpo.learner import fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
-from trgrpo.metrics import MetricsLogger, truncate_logs, write_status
 from trgrpo.models.load import context_limit, load_policy
-from trgrpo.records import Rollout, Sampling
 from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
-from trgrpo.sampler import PromptSampler
+from trgrpo.run import checkpoint, distributed, host
+from trgrpo.run.interrupts import InterruptGuard
+from trgrpo.run.metrics import MetricsLogger, truncate_logs, write_status
+from trgrpo.run.records import Rollout, Sampling
+from trgrpo.run.sampler import PromptSampler
 from trgrpo.tasks import make_task
 from trgrpo.tasks.data import task_data
 from trgrpo.tasks.verify_pool import VerifyPool
-from trgrpo.validation import validate
 
 log = logging.getLogger("trgrpo")
 
@@ -201,6 +201,43 @@ def build(cfg: Config, device: torch.device, *, shard: bool = False) -> tuple[Le
     return learner, sampler, ctx
 
 
+def learn(rollouts: list[Rollout], learner: Learner, engine, cfg: Config) -> tuple[dict[str, float], list]:
+    """One step's update from this rank's scored rollouts: group advantages, the optimizer step, the
+    new weights pushed to the engine. Returns the step's metrics (over every rank's rollouts, with
+    time/update and time/sync) and the whole batch."""
+    g = cfg.rollout.group_size
+    t0 = time.perf_counter()
+    rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
+    advantages = group_advantages(rewards.view(-1, g), std_normalize=cfg.algo.std_normalize).view(-1)
+    batch = distributed.gather_objects(rollouts)  # every rank's: the step's whole batch
+    scores = torch.tensor([ro.reward.score for ro in batch], dtype=torch.float32)
+    metrics = rollout_metrics(batch, scores, g)
+    metrics.update(learner.step(rollouts, advantages, group_size=g))
+    t1 = time.perf_counter()
+    engine.load_weights(fsdp.full_parameters(learner.model))
+    metrics.update({"time/update": t1 - t0, "time/sync": time.perf_counter() - t1})
+    return metrics, batch
+
+
+def _start_fields(cfg: Config, start: int, resume_from: Path | None, host_settings) -> dict:
+    """run.json when training starts (or resumes): what runs, from where, on what host settings."""
+    return dict(
+        status="running",
+        task=cfg.task.name,
+        algo=cfg.algo.name,
+        seed=cfg.seed,
+        git_sha=git_sha(),
+        steps=cfg.trainer.steps,
+        last_step=start,
+        resumed_from=None if resume_from is None else str(resume_from),
+        error=None,
+        checkpoint_error=None,
+        threads=host_settings.threads,
+        precision=host_settings.precision,
+        matmul_gflops=host_settings.gflops,
+    )
+
+
 def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Train; returns the last step's metrics (with the final evaluation).
 
@@ -209,7 +246,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     """
     validate(resolve(cfg))
     t = cfg.trainer
-    device, shard = pick_device(t.device), distributed.wanted(t.distributed)
+    device, shard = pick_device(t.device), wants_distributed(t.distributed)
     if shard:
         device = distributed.init(device)
         run_dir = distributed.broadcast(run_dir)  # Hydra's timestamped folder may differ between ranks
@@ -240,24 +277,10 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     if not hydra_cfg.exists() and main:  # called without Hydra (tests, scripts): save the config ourselves
         hydra_cfg.parent.mkdir(parents=True, exist_ok=True)
         hydra_cfg.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    status(
-        status="running",
-        task=cfg.task.name,
-        algo=cfg.algo.name,
-        seed=cfg.seed,
-        git_sha=git_sha(),
-        steps=t.steps,
-        last_step=start,
-        resumed_from=None if resume_from is None else str(resume_from),
-        error=None,
-        checkpoint_error=None,
-        threads=host_settings.threads,
-        precision=host_settings.precision,
-        matmul_gflops=host_settings.gflops,
-    )
+    status(**_start_fields(cfg, start, resume_from, host_settings))
 
     learner, sampler, ctx = build(cfg, device, shard=shard)
-    policy, tokenizer, engine, r = learner.model, ctx["tokenizer"], ctx["engine"], cfg.rollout
+    policy, tokenizer, engine = learner.model, ctx["tokenizer"], ctx["engine"]
     if state is not None:
         checkpoint.restore(resume_from, state, model=policy, learner=learner, sampler=sampler)
         engine.load_weights(fsdp.full_parameters(policy))
@@ -277,7 +300,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         where = dict(model=policy, tokenizer=tokenizer, trainer_state=trainer_state, keep_last=t.keep_last)
         try:
             if learner.sharded:
-                checkpoint.save_sharded(run_dir / "checkpoints", step, optimizer=learner.optimizer, **where)
+                fsdp.save_sharded(run_dir / "checkpoints", step, optimizer=learner.optimizer, **where)
             else:
                 checkpoint.save(run_dir / "checkpoints", step, **where)
         except checkpoint.CheckpointError as err:
@@ -299,17 +322,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                 engine.sleep()  # vLLM on GPU: free its memory for the learner; load_weights wakes it
                 t1 = time.perf_counter()
                 with guard.hold():
-                    g = r.group_size
-                    rewards = torch.tensor([ro.reward.score for ro in rollouts], dtype=torch.float32)
-                    advantages = group_advantages(
-                        rewards.view(-1, g), std_normalize=cfg.algo.std_normalize
-                    ).view(-1)
-                    batch = distributed.gather_objects(rollouts)  # every rank's: the step's whole batch
-                    scores = torch.tensor([ro.reward.score for ro in batch], dtype=torch.float32)
-                    metrics = rollout_metrics(batch, scores, g)
-                    metrics.update(learner.step(rollouts, advantages, group_size=g))
-                    t2 = time.perf_counter()
-                    engine.load_weights(fsdp.full_parameters(policy))
+                    metrics, batch = learn(rollouts, learner, engine, cfg)
                     t3 = time.perf_counter()
                     if metrics.get("weights/constant") == 1.0 and cfg.algo.weights.shape != "none":
                         logger.warn_once(
@@ -318,14 +331,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                             "with a scale (check algo.weights.tau; see README, 'TR-GRPO weight')",
                         )
                     tokens = sum(len(ro.completion.token_ids) for ro in batch)
-                    metrics.update(
-                        {
-                            "time/generate": t1 - t0,
-                            "time/update": t2 - t1,
-                            "time/sync": t3 - t2,
-                            "rollout/drawn": distributed.all_reduce([float(drawn)])[0],
-                        }
-                    )
+                    metrics["time/generate"] = t1 - t0
+                    metrics["rollout/drawn"] = distributed.all_reduce([float(drawn)])[0]
                     last = step == t.steps
                     if main and (last or (t.eval_every and step % t.eval_every == 0)):
                         metrics.update(evaluate_now(ctx, cfg))

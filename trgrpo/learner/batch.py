@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trgrpo.records import Rollout
+from trgrpo.run.records import Rollout
 
 
 @dataclass(frozen=True)

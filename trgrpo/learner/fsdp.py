@@ -13,12 +13,16 @@ float32 (the lm_head then runs in bfloat16, unlike one process); on CPU there is
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
+from trgrpo.run import checkpoint, distributed
 
 
 def _fsdp():
@@ -82,3 +86,53 @@ def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> float:
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
+
+
+def save_sharded(
+    directory: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """`save` for a learner sharded with FSDP2: every rank calls it (collectives inside).
+
+    Every rank writes its shards of the model and optimizer to `sharded/` (DCP); the full model is
+    gathered to rank 0, which writes the HF folder, the tokenizer and `trainer_state.pt` and renames
+    the folder into place. The folder must be on a file system all ranks share.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    target = directory / f"step_{step}"
+    made: Path | str | None = None
+    if distributed.is_main():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            made = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
+        except OSError as err:
+            made = str(err)
+    made = distributed.broadcast(made)  # the folder every rank writes into, or rank 0's error
+    if not isinstance(made, Path):
+        raise checkpoint.CheckpointError(f"writing checkpoint {target} failed: {made}")
+    tmp = made
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save(
+            {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / checkpoint.SHARDED_DIR
+        )
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if distributed.is_main():
+            model.save_pretrained(tmp, state_dict=full)
+            tokenizer.save_pretrained(tmp)
+            checkpoint.commit_folder(
+                tmp, target, {"step": step, "rng": checkpoint.rng_state(), **trainer_state}
+            )
+    except BaseException as err:
+        checkpoint.discard_folder(tmp if distributed.is_main() else None, target, err)
+    if distributed.is_main():
+        checkpoint.tidy(directory, keep_last)
+    return target

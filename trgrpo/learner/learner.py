@@ -25,11 +25,12 @@ from torch import Tensor
 from trgrpo.algo.losses import Normalizer, bucket_metrics, bucket_sums, policy_loss
 from trgrpo.algo.tis import tis_weights
 from trgrpo.algo.token_weights import mean_scale, token_weights, weight_stats
-from trgrpo.config import AlgoConfig, TrainerConfig
-from trgrpo.learner import distributed, fsdp
+from trgrpo.config.schema import AlgoConfig, TrainerConfig
+from trgrpo.learner import fsdp
 from trgrpo.learner.batch import MicroBatch, idle, make_microbatches, to_device
 from trgrpo.learner.logprobs import Scorer, float32_attention, uses_varlen_attention
-from trgrpo.records import Rollout
+from trgrpo.run import distributed
+from trgrpo.run.records import Rollout
 
 
 class NonFiniteStep(RuntimeError):

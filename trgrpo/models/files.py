@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -20,9 +21,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 
 log = logging.getLogger("trgrpo")
 PACKAGE_SCHEME = "pkg:"
@@ -84,6 +86,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def cache_lock(target: Path) -> Iterator[None]:
+    """Hold `<target>.lock` (an advisory lock beside a cache folder) while building it: processes that
+    want the same folder at once (torchrun ranks, sweep jobs on one node) build it once and the others
+    wait, then find it. Where fcntl is missing (Windows) nothing is locked."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(target.with_name(f".{target.name}.lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def gguf_folder(file: Path) -> Path:
     """The Hugging Face folder of a GGUF file, converted on first use (atomic, keyed by its hash)."""
     if not file.is_file():
@@ -91,20 +112,22 @@ def gguf_folder(file: Path) -> Path:
     target = cache_root() / "gguf" / f"{file.stem}-{_sha256(file)[:16]}-v{GGUF_FORMAT}"
     if (target / "config.json").is_file():
         return target
-    started = time.perf_counter()
-    log.info("converting %s to a Hugging Face folder (once): %s", file.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        _convert(file, tmp)
+    with cache_lock(target):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        started = time.perf_counter()
+        log.info("converting %s to a Hugging Face folder (once): %s", file.name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         try:
-            tmp.rename(target)
-        except OSError:  # another process converted it first: theirs is the same file
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.0f s", file.name, time.perf_counter() - started)
+            _convert(file, tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process converted it first (no lock here): theirs is the same
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.0f s", file.name, time.perf_counter() - started)
     return target
 
 

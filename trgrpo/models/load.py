@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trgrpo.config import ConfigError, ModelConfig, TaskConfig
+from trgrpo.config.schema import ConfigError, ModelConfig, TaskConfig
 from trgrpo.models.files import local_model
 from trgrpo.models.tiny import build_tiny, tiny_seed
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from trgrpo.config import ConfigError, TaskConfig, TinyConfig
+from trgrpo.config.schema import ConfigError, TaskConfig, TinyConfig
 from trgrpo.models.chat import encode_prompt
-from trgrpo.models.files import cache_root
+from trgrpo.models.files import cache_lock, cache_root
+from trgrpo.tasks import make_task  # the tiny model is warm-started on its task's data
 
 log = logging.getLogger("trgrpo")
 TINY_FORMAT = 2  # bump when the build recipe changes, so old caches are not reused
@@ -68,35 +69,28 @@ def tiny_key(tiny: TinyConfig, task: TaskConfig, seed: int) -> str:
 
 def build_tiny(tiny: TinyConfig, task_cfg: TaskConfig, *, seed: int = 0, force: bool = False) -> Path:
     """Build (or find) the tiny model for a task; returns its folder."""
-    from trgrpo.tasks import make_task
-
     if tiny.warmstart_steps == 0:  # an unresolved config: the task's own number (config.resolve)
         tiny = dataclasses.replace(tiny, warmstart_steps=task_cfg.tiny_warmstart_steps)
     target = cache_root() / "tiny" / tiny_key(tiny, task_cfg, seed)
     if (target / "config.json").exists() and not force:
         return target
-    task = make_task(task_cfg)
-    started = time.perf_counter()
-    examples = task.dataset(
-        "train",
-        warmstart_size(tiny, task_cfg),
-        seed=task_cfg.data_seed,
-    )
-    tokenizer = _train_tokenizer(task, examples, tiny.vocab_size)
-    model = _init_model(tokenizer, tiny, seed)
-    final_loss = _warm_start(model, tokenizer, task, examples, tiny, seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "trgrpo_tiny.json").write_text(
-        json.dumps(
-            {"task": task_cfg.name, "warmstart_loss": final_loss, "seconds": time.perf_counter() - started}
-        )
-    )
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with cache_lock(target):  # torchrun ranks or sweep jobs asking at once: one builds, the rest wait
+        if (target / "config.json").exists() and not force:
+            return target
+        started = time.perf_counter()
+        task = make_task(task_cfg)
+        examples = task.dataset("train", warmstart_size(tiny, task_cfg), seed=task_cfg.data_seed)
+        tokenizer = _train_tokenizer(task, examples, tiny.vocab_size)
+        model = _init_model(tokenizer, tiny, seed)
+        final_loss = _warm_start(model, tokenizer, task, examples, tiny, seed)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"task": task_cfg.name, "warmstart_loss": final_loss, "seconds": time.perf_counter() - started}
+        (tmp / "trgrpo_tiny.json").write_text(json.dumps(info))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
     log.info(
         "built tiny model for task=%s in %.0fs (warm-start loss %.3f): %s",
         task_cfg.name,

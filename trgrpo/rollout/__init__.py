@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trgrpo.config import ConfigError, RolloutConfig
+from trgrpo.config.schema import ConfigError, RolloutConfig
 from trgrpo.rollout.base import Engine
 
 __all__ = ["ENGINES", "Engine", "make_engine"]

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from trgrpo.records import Completion, Example, Sampling
 from trgrpo.rollout.base import Engine
+from trgrpo.run.records import Completion, Example, Sampling
 from trgrpo.tasks.base import Tool
 
 

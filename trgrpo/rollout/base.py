@@ -7,7 +7,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from trgrpo.records import Completion, Sampling
+from trgrpo.run.records import Completion, Sampling
 
 
 class Engine(Protocol):

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from trgrpo.config import ConfigError, TaskConfig
-from trgrpo.records import Example, Reward, Rollout, Sampling
+from trgrpo.config.schema import ConfigError, TaskConfig
 from trgrpo.rollout.base import Engine
+from trgrpo.run.records import Example, Reward, Rollout, Sampling
 from trgrpo.tasks.base import Task
 from trgrpo.tasks.verify_pool import VerifyPool
 

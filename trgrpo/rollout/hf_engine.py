@@ -23,10 +23,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 from trgrpo.models.body import with_cache
-from trgrpo.records import Completion, Sampling
 from trgrpo.rollout import prefix_decode
+from trgrpo.run.records import Completion, Sampling
 
 
 class HFEngine:

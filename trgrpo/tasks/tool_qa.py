@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from trgrpo.config import ConfigError, ToolQATaskConfig
-from trgrpo.records import Example, Reward
+from trgrpo.config.schema import ConfigError, ToolQATaskConfig
+from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_tag, normalize_text
 from trgrpo.tasks.calc import CalcTool
 from trgrpo.tasks.tool_qa_search import Bm25Index, SearchTool

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from trgrpo.records import Example
+from trgrpo.run.records import Example
 
 MAX_QUERY_CHARS = 300  # longer queries are cut (a runaway generation must not slow the search)
 MAX_DOC_WORDS = 80  # documents are cut to this many words in observations (real corpora)

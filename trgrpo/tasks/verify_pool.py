@@ -14,8 +14,8 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from trgrpo.config import TaskConfig
-from trgrpo.records import Example, Reward
+from trgrpo.config.schema import TaskConfig
+from trgrpo.run.records import Example, Reward
 from trgrpo.tasks import Task, make_task
 
 UNSCORABLE = Reward(0.0, {}, unscorable=True)

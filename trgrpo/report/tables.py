@@ -8,10 +8,10 @@ paths and logging settings excepted), and writes to `--out`:
   grad-norm mean and step-to-step variance (mean ± 95% t-interval over seeds); paired differences of
   each algorithm against `grpo` over shared seeds; links to the figures; the runs left out and why.
 - `report.csv` (the group table) and `report_paired.csv` (the paired differences).
-- `figures/*.png` (drawn by `trgrpo/report_plots.py`).
+- `figures/*.png` (drawn by `trgrpo/report/plots.py`).
 
 A run enters the statistics only if `run.json` says finished and its files are complete and
-readable (reading and grouping: `trgrpo/report_runs.py`). Other runs are listed with the reason;
+readable (reading and grouping: `trgrpo/report/runs.py`). Other runs are listed with the reason;
 those with metrics are still drawn in the figures. Nothing here trains or evaluates, and a malformed
 run never crashes the report.
 """
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from trgrpo import stats
-from trgrpo.report_runs import (
+from trgrpo.report import stats
+from trgrpo.report.runs import (
     BASELINE,
     Group,
     Run,
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(paired, out / "report_paired.csv")
         written += [out / "report.csv", out / "report_paired.csv"]
     if args.format in ("md", "both"):
-        from trgrpo.report_plots import write_figures
+        from trgrpo.report.plots import write_figures
 
         figures = write_figures(groups, out / "figures", smooth=args.smooth)
         (out / "report.md").write_text(

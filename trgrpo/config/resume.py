@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trgrpo.config import ConfigError
+from trgrpo.config.schema import ConfigError
 
 log = logging.getLogger("trgrpo")
 

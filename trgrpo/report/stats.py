@@ -9,7 +9,7 @@ uncertainty are used and never mixed:
   `paired_difference`). scipy is not a dependency, so the 97.5% t quantiles are a table for
   df = 1..30 (exact to 1e-12) and a Cornish–Fisher expansion beyond (error < 2e-6 at df = 31).
 
-The module does not read runs or draw anything; `trgrpo/report.py` does.
+The module does not read runs or draw anything; `trgrpo/report/tables.py` does.
 """
 
 from __future__ import annotations

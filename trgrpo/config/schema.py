@@ -183,7 +183,7 @@ class TrainerConfig:
     max_tokens_per_microbatch: int = 8192  # padded prompt+response tokens per forward/backward
     logprob_chunk: int = 1024  # tokens per lm_head/log-softmax chunk (no [B, T, V] float32 tensor)
     # auto | fp32 | bf16: autocast of the learner's forward/backward (fp32 master weights); auto = bf16
-    # on a GPU that supports it, on CPU where a matmul probe at start finds bf16 faster (trgrpo/host.py)
+    # on a GPU that supports it, on CPU where a matmul probe at start finds bf16 faster (trgrpo/run/host.py)
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     share_prompts: bool = True  # learner: one body pass per distinct prompt, its G samples continue from it
@@ -238,12 +238,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Every task by name (trgrpo.tasks.TASKS names the class that implements each; a test keeps them equal).
+TASK_CONFIGS = {"math": MathTaskConfig, "logic": LogicTaskConfig, "tool_qa": ToolQATaskConfig}
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="task", name="base_math", node=MathTaskConfig)
-    cs.store(group="task", name="base_logic", node=LogicTaskConfig)
-    cs.store(group="task", name="base_tool_qa", node=ToolQATaskConfig)
+    for name, node in TASK_CONFIGS.items():
+        cs.store(group="task", name=f"base_{name}", node=node)
     cs.store(group="algo", name="base_algo", node=AlgoConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="rollout", name="base_rollout", node=RolloutConfig)

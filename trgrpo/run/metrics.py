@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from trgrpo.config import LoggerConfig
+from trgrpo.config.schema import LoggerConfig
 
 log = logging.getLogger("trgrpo")
 SUMMARY_KEYS = (

@@ -4,7 +4,7 @@ A run directory is any folder holding `metrics.jsonl` or `run.json` (a Hydra mul
 per numbered subfolder). `load_run` turns every defect (missing or unreadable file, unfinished status,
 truncated metrics line) into a problem string; a run with problems stays out of the statistics.
 `group_runs` groups runs by task, algorithm and every config key that differs between runs, except the
-seed, output paths and logging settings. Statistics and output: `trgrpo/report.py`.
+seed, output paths and logging settings. Statistics and output: `trgrpo/report/tables.py`.
 """
 
 from __future__ import annotations

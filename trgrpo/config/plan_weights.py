@@ -4,7 +4,7 @@ the warnings a curve deserves (constant weights, weights beyond the clip range).
 from __future__ import annotations
 
 from trgrpo.algo.token_weights import SHAPES, weight_curve
-from trgrpo.config import Config
+from trgrpo.config.schema import Config
 
 Row = tuple[str, str]
 PROBES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 0.99)  # probabilities at which the weight curve is shown

@@ -5,7 +5,7 @@ moving-averaged per-run series, with a min–max band over seeds. Drawn with mat
 the Agg canvas (no pyplot, no global backend switch, no display needed). Runs left out of the report's
 statistics (failed, running, damaged) are drawn too when they have metrics.
 
-This module only draws: reading runs is `trgrpo/report_runs.py`, the tables `trgrpo/report.py`.
+This module only draws: reading runs is `trgrpo/report/runs.py`, the tables `trgrpo/report/tables.py`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trgrpo.report_runs import series
-from trgrpo.stats import moving_average
+from trgrpo.report.runs import series
+from trgrpo.report.stats import moving_average
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from trgrpo.report_runs import Group
+    from trgrpo.report.runs import Group
 
 DPI = 100
 BUCKET_FIELDS = (

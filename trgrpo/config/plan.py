@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from trgrpo.algo.losses import LOG_RATIO_CLAMP
-from trgrpo.config import Config, ModelConfig
+from trgrpo.config.plan_weights import PROBES, curve  # noqa: F401 (PROBES, curve re-exported)
+from trgrpo.config.plan_weights import weight_rows as token_weight_rows
+from trgrpo.config.schema import Config, ModelConfig
+from trgrpo.config.validation import problems, validate
 from trgrpo.models.files import PACKAGE_SCHEME
-from trgrpo.plan_weights import PROBES, curve  # noqa: F401 (PROBES, curve re-exported)
-from trgrpo.plan_weights import weight_rows as token_weight_rows
-from trgrpo.validation import problems, validate
 
 PROMPT_GUESSES = (64, 256, 1024)  # prompt lengths in tokens for the micro-batch arithmetic
 _KL_FORMULAS = {
@@ -137,7 +137,7 @@ def _model_text(m: ModelConfig) -> str:
 
 def _threads_text(threads: int | str) -> str:
     if threads == "auto":
-        from trgrpo.host import auto_threads
+        from trgrpo.run.host import auto_threads
 
         return f"auto (resolved at start: {auto_threads()} here, the cores this process may use)"
     return "0: torch's default" if str(threads) == "0" else str(threads)

@@ -4,7 +4,7 @@ One process per device: `init` joins the group torchrun describes in the environ
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with `nccl` on CUDA and `gloo` on CPU. Every
 helper here also works without a process group (a single-process run), where it returns its input
 unchanged, so callers never branch on whether the run is distributed. What this module does not do:
-shard models (fsdp.py) or decide what each rank computes (the loop and the learner do).
+shard models (learner/fsdp.py) or decide what each rank computes (the loop and the learner do).
 """
 
 from __future__ import annotations
@@ -24,18 +24,6 @@ TIMEOUT = datetime.timedelta(minutes=60)
 # Whether `init` joined the default group, and whether it created it. A group vLLM creates for its
 # own engine in a one-process run is neither: the run is not distributed and the group is vLLM's.
 _joined = _created = False
-
-
-def launched_world_size() -> int:
-    """The number of processes torchrun started (1 when not launched by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def wanted(setting: str) -> bool:
-    """Whether `trainer.distributed` (auto | true | false; checked in validation.problems) asks for a
-    process group in this launch. true also shards a one-process torchrun launch."""
-    setting = str(setting).lower()
-    return setting == "true" or (setting == "auto" and launched_world_size() > 1)
 
 
 def init(device: torch.device) -> torch.device:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from trgrpo.config import ConfigError, TrainerConfig
-from trgrpo.validation import host_problems
+from trgrpo.config.schema import ConfigError, TrainerConfig
+from trgrpo.config.validation import host_problems
 
 log = logging.getLogger("trgrpo")
 

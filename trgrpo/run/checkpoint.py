@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trgrpo.config import ConfigError
-from trgrpo.resume_config import FREE_KEYS, MATH_KEYS, check_config, config_changes  # noqa: F401 (re-exported)
+from trgrpo.config.resume import FREE_KEYS, MATH_KEYS, check_config, config_changes  # noqa: F401 (re-exported)
+from trgrpo.config.schema import ConfigError
 
 log = logging.getLogger("trgrpo")
 STATE_FILE = "trainer_state.pt"
@@ -92,62 +92,14 @@ def save(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _commit(tmp, target, {"step": step, "rng": rng_state(), **trainer_state})
+        commit_folder(tmp, target, {"step": step, "rng": rng_state(), **trainer_state})
     except BaseException as err:
-        _discard(tmp, target, err)
-    _tidy(directory, keep_last)
+        discard_folder(tmp, target, err)
+    tidy(directory, keep_last)
     return target
 
 
-def save_sharded(
-    directory: Path,
-    step: int,
-    *,
-    model,
-    optimizer,
-    tokenizer,
-    trainer_state: dict[str, Any],
-    keep_last: int = 0,
-) -> Path:
-    """`save` for a learner sharded with FSDP2: every rank calls it (collectives inside).
-
-    Every rank writes its shards of the model and optimizer to `sharded/` (DCP); the full model is
-    gathered to rank 0, which writes the HF folder, the tokenizer and `trainer_state.pt` and renames
-    the folder into place. The folder must be on a file system all ranks share.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    from trgrpo.learner import distributed
-
-    target = directory / f"step_{step}"
-    made: Path | str | None = None
-    if distributed.is_main():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            made = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=directory))
-        except OSError as err:
-            made = str(err)
-    made = distributed.broadcast(made)  # the folder every rank writes into, or rank 0's error
-    if not isinstance(made, Path):
-        raise CheckpointError(f"writing checkpoint {target} failed: {made}")
-    tmp = made
-    try:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED_DIR)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if distributed.is_main():
-            model.save_pretrained(tmp, state_dict=full)
-            tokenizer.save_pretrained(tmp)
-            _commit(tmp, target, {"step": step, "rng": rng_state(), **trainer_state})
-    except BaseException as err:
-        _discard(tmp if distributed.is_main() else None, target, err)
-    if distributed.is_main():
-        _tidy(directory, keep_last)
-    return target
-
-
-def _commit(tmp: Path, target: Path, state: dict[str, Any]) -> None:
+def commit_folder(tmp: Path, target: Path, state: dict[str, Any]) -> None:
     """Write the trainer state last, then swap the finished folder into place."""
     torch.save(state, tmp / STATE_FILE)
     if target.exists():  # set aside, not deleted, until the new one is in place
@@ -155,7 +107,7 @@ def _commit(tmp: Path, target: Path, state: dict[str, Any]) -> None:
     tmp.rename(target)
 
 
-def _discard(tmp: Path | None, target: Path, err: BaseException) -> None:
+def discard_folder(tmp: Path | None, target: Path, err: BaseException) -> None:
     """Remove a partial folder and re-raise: CheckpointError for an error of the write itself."""
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +116,7 @@ def _discard(tmp: Path | None, target: Path, err: BaseException) -> None:
     raise err
 
 
-def _tidy(directory: Path, keep_last: int) -> None:
+def tidy(directory: Path, keep_last: int) -> None:
     for leftover in directory.iterdir():  # a killed save's temporary folder, a replaced checkpoint
         if leftover.name.startswith(_LEFTOVER):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -253,7 +205,7 @@ def load_model_weights(model, path: Path) -> None:
 
 def trainer_state(learner, sampler, config: Mapping[str, Any]) -> dict[str, Any]:
     """Everything but the weights and RNG that the next step depends on, plus the config (for checks).
-    A sharded learner's optimizer state goes to the DCP shards instead (`save_sharded`)."""
+    A sharded learner's optimizer state goes to the DCP shards instead (`learner.fsdp.save_sharded`)."""
     return {
         "optimizer": None if learner.sharded else learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trgrpo.config import (
+from trgrpo.config.schema import (
+    TASK_CONFIGS,
     Config,
     ConfigError,
     LogicTaskConfig,
@@ -27,6 +28,18 @@ HF_DECODES = ("auto", "shared_prefix", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
 THREADS = ("auto", "a number ≥ 1", "0 (torch's default)")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wants_distributed(setting: str) -> bool:
+    """Whether `trainer.distributed` (auto | true | false) asks for a process group in this launch.
+    true also shards a one-process torchrun launch."""
+    setting = str(setting).lower()
+    return setting == "true" or (setting == "auto" and launched_world_size() > 1)
 
 
 def _one_of(value: object, valid: tuple, key: str) -> list[str]:
@@ -53,8 +66,6 @@ def problems(cfg: Config) -> list[str]:
     Cheap and side-effect free (no model, no data), so `trgrpo plan` can print them all. Local-looking
     paths (./, /, ~, or a data-file suffix) must exist; hub ids are not looked up here.
     """
-    from trgrpo.learner.distributed import launched_world_size
-    from trgrpo.tasks import TASKS  # lazy: the task registry imports this module
 
     a, r, t, e, m, task = cfg.algo, cfg.rollout, cfg.trainer, cfg.eval, cfg.model, cfg.task
     w = a.weights
@@ -70,7 +81,7 @@ def problems(cfg: Config) -> list[str]:
     is_model_file = bool(m.path) and (
         m.path.startswith(model_files.PACKAGE_SCHEME) or m.path.endswith(".gguf")
     )
-    out = _one_of(task.name, tuple(sorted(TASKS)), "task.name")
+    out = _one_of(task.name, tuple(sorted(TASK_CONFIGS)), "task.name")
     out += _one_of(task.few_shot_style, ("user", "chat"), "task.few_shot_style")
     out += [
         f"task.few_shot[{i}] needs a 'question' and an 'answer' (got {sorted(shot)})"
@@ -91,7 +102,7 @@ def problems(cfg: Config) -> list[str]:
     mode, world = str(t.distributed).lower(), launched_world_size()
     out += _one_of(mode, ("auto", "true", "false"), "trainer.distributed")
     out += _one_of(str(t.padding_free).lower(), ("auto", "true", "false"), "trainer.padding_free")
-    ranks = world if mode == "true" or (mode == "auto" and world > 1) else 1
+    ranks = world if wants_distributed(mode) else 1
     sigmoidal = w.shape in ("sigmoid", "reverse")
     resume_ok = t.resume in (None, "", "none", "false", "auto") or Path(t.resume).expanduser().exists()
     checks = [
@@ -127,9 +138,7 @@ def problems(cfg: Config) -> list[str]:
             "minibatches must hold whole groups",
         ),
         (
-            not (mode == "true" or (mode == "auto" and world > 1))
-            or r.engine != "vllm"
-            or r.tensor_parallel_size == 1,
+            not wants_distributed(mode) or r.engine != "vllm" or r.tensor_parallel_size == 1,
             f"rollout.tensor_parallel_size={r.tensor_parallel_size} with rollout=vllm under torchrun is "
             "not supported yet (each rank runs its own engine): set rollout.tensor_parallel_size=1",
         ),

@@ -1,0 +1,1 @@
+"""`trgrpo report`: run folders (`runs`) → statistics (`stats`) → tables (`tables`) and figures (`plots`)."""
