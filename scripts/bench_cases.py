@@ -34,7 +34,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
-    from trgrpo.config import register, resolve
+    from trgrpo.config.schema import register, resolve
 
     register()
     with initialize_config_module("trgrpo.conf", version_base=None):
@@ -68,28 +68,28 @@ def matmul_params(model) -> int:
 
 def ours(case: dict) -> dict:
     """Phases of `train.run`'s step: generate, verify, old/ref log-probs, update, weight sync."""
-    from trgrpo import host
     from trgrpo.algo.advantages import group_advantages
     from trgrpo.learner.learner import Learner
     from trgrpo.models.load import context_limit, load_policy
-    from trgrpo.records import Rollout, Sampling
     from trgrpo.rollout import make_engine
     from trgrpo.rollout.collect import encode_prompts
-    from trgrpo.sampler import PromptSampler
+    from trgrpo.run import host
+    from trgrpo.run.records import Rollout, Sampling
+    from trgrpo.run.sampler import PromptSampler
     from trgrpo.tasks import make_task
     from trgrpo.tasks.verify_pool import VerifyPool
     from trgrpo.train import enable_gradient_checkpointing, seed_everything
 
     cfg = compose(case["overrides"])
     t, r = cfg.trainer, cfg.rollout
-    host.configure(t)
+    settings = host.configure(t)  # threads=auto and precision=auto resolve here, as in `trgrpo train`
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
     rss0 = maxrss_bytes()
     policy, tokenizer = load_policy(cfg.model, cfg.task, seed=cfg.seed)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
-    engine = make_engine(r, policy, tokenizer, seed=cfg.seed)
+    engine = make_engine(r, policy, tokenizer, seed=cfg.seed, precision=t.precision)
     pool = VerifyPool(cfg.task, workers=t.verify_workers, timeout=t.verify_timeout, task=task)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.kl_coef > 0 else None
     learner = Learner(
@@ -161,6 +161,7 @@ def ours(case: dict) -> dict:
     out = summarize(rows[case["warmup"] :])
     out.update(peak_rss=maxrss_bytes() - rss0, matmul_params=matmul_params(policy))
     out.update(fp32_rate=matmul_rate(torch.float32), bf16_rate=matmul_rate(torch.bfloat16))
+    out.update(precision=settings.precision, threads=settings.threads)
     return out
 
 
@@ -182,14 +183,15 @@ def trl(case: dict) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from trgrpo.records import Example
+    from trgrpo.run.records import Example
     from trgrpo.tasks import make_task
 
-    torch.set_num_threads(case["threads"])
+    if case.get("threads"):  # else torch's default, as a TRL user gets it
+        torch.set_num_threads(case["threads"])
     if case.get(
         "reuse_host_memory"
     ):  # the malloc setting this runner applies by default, for a like-for-like look
-        from trgrpo.host import reuse_freed_memory
+        from trgrpo.run.host import reuse_freed_memory
 
         reuse_freed_memory()
     cfg = compose(MATH_OVERRIDES)
@@ -296,6 +298,7 @@ def trl(case: dict) -> dict:
     import trl as trl_module
 
     out.update(trl_version=trl_module.__version__, transformers_version=transformers.__version__)
+    out.update(precision="bf16" if case["bf16"] else "fp32", threads=torch.get_num_threads())
     return out
 
 

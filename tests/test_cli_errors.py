@@ -156,6 +156,11 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         OURS,
         ["trgrpo show: error:", "task.dataset='/nonexistent.jsonl'"],
     ),
+    "eval of no prompts": (
+        ["eval", "eval.size=0", "eval.checkpoint=/nonexistent/ckpt"],
+        OURS,
+        ["trgrpo eval: error:", "eval.size=0 must be ≥ 1"],
+    ),
     "unknown subcommand": (["fly"], OURS, ["unknown command 'fly'", "train", "plan"]),
 }
 

@@ -115,6 +115,8 @@ def run_eval(cfg: Config, out_dir: Path | None = None) -> dict[str, Any]:
     e = resolve(cfg).eval
     if any(k > e.n for k in e.ks):
         raise ConfigError(f"eval.ks={e.ks} must all be ≤ eval.n={e.n}")
+    if e.size < 1:
+        raise ConfigError(f"eval.size={e.size} must be ≥ 1 (test prompts)")
     model_cfg = cfg.model
     if e.checkpoint:
         model_cfg = dataclasses.replace(cfg.model, path=resolve_model_path(e.checkpoint))
