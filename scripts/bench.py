@@ -77,7 +77,18 @@ def run_case(python: str, spec: dict, timeout: float = 900) -> dict:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return {"error": f"exit {proc.returncode}: " + "\n".join(tail)}
+    return {"error": "\n".join(tail), "exit": proc.returncode}
+
+
+def error_summary(result: dict) -> str:
+    """One line for a failed case: how it ended and its last line that is not a warning."""
+    code = result.get("exit")
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+    if code == -9:
+        how += " (out of memory?)"
+    lines = [ln.strip() for ln in result["error"].splitlines() if ln.strip()]
+    told = [ln for ln in lines if "warn" not in ln.lower()]
+    return f"{how}: {(told or lines or [''])[-1][:120]}"
 
 
 def build_models(folder: Path, names: list[str]) -> dict[str, Path]:
@@ -132,14 +143,15 @@ def step_cases(model_dir: Path, model: str, args) -> dict[str, dict]:
     trl = dict(
         kind="trl", model_dir=str(model_dir), threads=None, group_size=args.group_size, lr=args.lr, **common
     )
+    common_ours = dict(common, profile=getattr(args, "profile", False))
     return {
-        "ours (defaults)": dict(kind="ours", overrides=ours, **common),
+        "ours (defaults)": dict(kind="ours", overrides=ours, **common_ours),
         "trl bf16 (its defaults)": dict(trl, bf16=True, gradient_checkpointing=True),
-        "ours compiled": dict(kind="ours", overrides=[*ours, "trainer.compile=true"], **common),
+        "ours compiled": dict(kind="ours", overrides=[*ours, "trainer.compile=true"], **common_ours),
         "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
-        "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common),
-        "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common),
-        "ours 1 thread": dict(kind="ours", overrides=[*ours, "trainer.threads=1"], **common),
+        "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common_ours),
+        "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common_ours),
+        "ours 1 thread": dict(kind="ours", overrides=[*ours, "trainer.threads=1"], **common_ours),
         "trl defaults + host memory reuse": dict(
             trl, bf16=True, gradient_checkpointing=True, reuse_host_memory=True
         ),
@@ -213,7 +225,7 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
         base = min(trl_steps) if trl_steps else None
         for name, r in runs.items():
             if "error" in r:
-                print(f"| {model} | {name} | error: {r['error'].splitlines()[-1][:120]} |")
+                print(f"| {model} | {name} | error, {error_summary(r)} |")
                 continue
             flops, frac = learner_fraction(r, name)
             ratio = f"{r['step'] / base:.2f}x" if base else "–"
@@ -230,6 +242,13 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
             if "steps" in r:
                 rates = f"matmul fp32 {r['fp32_rate'] / 1e9:.0f} / bf16 {r['bf16_rate'] / 1e9:.0f} GFLOP/s"
                 print(f"- {model}, {name}: {r['steps']} ({rates})")
+    for model, runs in results.items():
+        for name, r in runs.items():
+            for phase, table in (r.get("profiles") or {}).items():
+                print(
+                    f"\nProfile, {model}, {name}, {phase} of an extra, untimed step (ops by self CPU time):\n"
+                )
+                print("```\n" + table.rstrip() + "\n```")
 
 
 def run_threads(python: str, args) -> None:
@@ -245,7 +264,7 @@ def run_threads(python: str, args) -> None:
             )
             r = run_case(python, spec)
             if "error" in r:
-                print(f"threads={threads}: {r['error']}")
+                print(f"threads={threads}: error, {error_summary(r)}")
                 return
             seconds[threads] += r["steps"]
     print("| torch threads | step s (median) | steps (s) | vs 1 thread |")
@@ -271,7 +290,7 @@ def run_memory(python: str, args) -> None:
         r = run_case(python, spec)
         label = f"chunked, {chunk} tokens a chunk" if mode == "chunked" else "naive full logits"
         if "error" in r:
-            print(f"| {label} | error: {r['error'].splitlines()[-1][:120]} | |")
+            print(f"| {label} | error, {error_summary(r)} | |")
             continue
         print(f"| {label} | {r['peak_rss'] / 2**20:.0f} | {r['seconds']:.2f} |")
     full = args.tokens * args.vocab * 4
@@ -302,6 +321,11 @@ def main() -> None:
         "--max-new-tokens", type=int, default=0, help="new tokens a sample (default: 64; 128 on smollm2-135m)"
     )
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler tables of generate and update in one extra, untimed step of ours",
+    )
     parser.add_argument("--thread-repeats", type=int, default=2, help="processes per thread count")
     parser.add_argument("--vocab", type=int, default=151936, help="memory part: Qwen2.5's vocabulary")
     parser.add_argument(

@@ -13,6 +13,7 @@ tracemalloc). Cases:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import resource
@@ -114,8 +115,9 @@ def ours(case: dict) -> dict:
     data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
     sampler = PromptSampler(len(data), cfg.seed)
     limit = context_limit(policy, cfg.model)
-    rows = []
-    for step in range(case["warmup"] + case["steps"]):
+    rows, profiles = [], {}
+    timed_end = case["warmup"] + case["steps"]
+    for step in range(timed_end + (1 if case.get("profile") else 0)):  # profiled: one untimed step more
         scored.clear()
         examples = [data[i] for i in sampler.next(t.prompts_per_step)]
         sampling = Sampling(
@@ -125,9 +127,11 @@ def ours(case: dict) -> dict:
             n=r.group_size,
             seed=step,
         )
+        profiling = step == timed_end
         t0 = time.perf_counter()
         prompts = encode_prompts(tokenizer, examples, limit=limit, max_new_tokens=r.max_new_tokens)
-        completions = engine.generate(prompts, sampling)
+        with profiled(profiling, profiles, "generate"):
+            completions = engine.generate(prompts, sampling)
         t1 = time.perf_counter()
         owners = [ex for ex in examples for _ in range(r.group_size)]
         rewards = pool.score(owners, [c.text for c in completions])
@@ -138,7 +142,8 @@ def ours(case: dict) -> dict:
         ]
         scores = torch.tensor([rw.score for rw in rewards])
         advantages = group_advantages(scores.view(-1, r.group_size), std_normalize=cfg.algo.std_normalize)
-        learner.step(rollouts, advantages.view(-1), group_size=r.group_size)
+        with profiled(profiling, profiles, "update"):
+            learner.step(rollouts, advantages.view(-1), group_size=r.group_size)
         t3 = time.perf_counter()
         engine.load_weights(policy.named_parameters())
         t4 = time.perf_counter()
@@ -158,11 +163,24 @@ def ours(case: dict) -> dict:
             }
         )
     pool.close()
-    out = summarize(rows[case["warmup"] :])
+    out = summarize(rows[case["warmup"] : timed_end])
     out.update(peak_rss=maxrss_bytes() - rss0, matmul_params=matmul_params(policy))
     out.update(fp32_rate=matmul_rate(torch.float32), bf16_rate=matmul_rate(torch.bfloat16))
-    out.update(precision=settings.precision, threads=settings.threads)
+    out.update(precision=settings.precision, threads=settings.threads, profiles=profiles)
     return out
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool, into: dict, phase: str, rows: int = 12):
+    """torch.profiler over the block when enabled: its ops by self CPU time, as a table, into[phase]."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    into[phase] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -53,3 +53,9 @@ def test_ratio_is_against_the_faster_trl_configuration(capsys):
     bench.print_step_table({"llama-10m": runs}, _args(rounds=1))
     ours_line = next(line for line in capsys.readouterr().out.splitlines() if "ours (defaults)" in line)
     assert "| 0.40x |" in ours_line and "| bf16, 2 |" in ours_line
+
+
+def test_a_failed_case_says_how_it_ended_past_the_warnings():
+    killed = {"error": "Traceback\nRuntimeError: boom\n  warnings.warn(", "exit": -9}
+    assert bench.error_summary(killed) == "killed by signal 9 (out of memory?): RuntimeError: boom"
+    assert bench.error_summary({"error": "ValueError: bad", "exit": 1}) == "exit 1: ValueError: bad"

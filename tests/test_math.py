@@ -9,7 +9,7 @@ import pytest
 from conftest import make_cfg
 from slow_task import MisbehavingTask
 
-from trgrpo.config.schema import GeneratorConfig, MathTaskConfig, TaskConfig
+from trgrpo.config.schema import ConfigError, GeneratorConfig, MathTaskConfig, TaskConfig
 from trgrpo.run.records import Example
 from trgrpo.tasks import make_task
 from trgrpo.tasks.answer import last_boxed, last_tag
@@ -86,6 +86,40 @@ def test_demonstrations_score_one(task):
     for example in task.dataset("train", 50, 3):
         text = "".join(t for t, _ in task.demonstration(example))
         assert task.verify(example, text).score == 1.0
+
+
+@pytest.mark.parametrize(
+    ("expression", "work"),
+    [
+        ("47 + 38", "7 + 8 = 15, 4 + 3 + 1 = 8."),  # a carry into the tens
+        ("5 + 38", "5 + 8 = 13, 0 + 3 + 1 = 4."),  # a one-digit operand: its tens are 0
+        ("67 + 58", "7 + 8 = 15, 6 + 5 + 1 = 12."),  # the last column's carry is the answer's lead
+        ("12 + 30", "2 + 0 = 2, 1 + 3 + 0 = 4."),  # no carry: written as + 0
+        ("3 + 4", "3 + 4 = 7."),  # one column
+        ("358 + 67", "8 + 7 = 15, 5 + 6 + 1 = 12, 3 + 0 + 1 = 4."),
+        ("12 - 3", None),  # not a two-term addition: the plain demonstration
+        ("1 + 2 + 3", None),
+    ],
+)
+def test_column_work_by_hand(expression, work):
+    from trgrpo.tasks.math_qa import column_work
+
+    assert column_work(expression) == work
+
+
+def test_column_demonstrations_score_one_and_fall_back_to_plain():
+    cfg = make_cfg().task
+    cfg.demo_style = "columns"
+    columns = make_task(cfg)
+    example = Example("t", "Calculate 47 + 38.", "85", meta={"expression": "47 + 38"})
+    assert columns.demonstration(example) == [("7 + 8 = 15, 4 + 3 + 1 = 8. The answer is \\boxed{85}.", True)]
+    minus = Example("t", "Calculate 12 - 3.", "9", meta={"expression": "12 - 3"})
+    assert columns.demonstration(minus) == [("12 - 3 = 9. The answer is \\boxed{9}.", True)]
+    for example in columns.dataset("train", 50, 3):
+        assert columns.verify(example, columns.demonstration(example)[0][0]).score == 1.0
+    cfg.demo_style = "steps"
+    with pytest.raises(ConfigError, match=r"task\.demo_style=.steps."):
+        make_task(cfg)
 
 
 def test_unknown_generator_names_the_field():

@@ -56,6 +56,10 @@ class MathTaskConfig(TaskConfig):
     answer_field: str = "answer"  # column holding the gold answer
     answer_format: str = "raw"  # raw | gsm8k (gold after '####') | boxed (gold in \boxed{} of a solution)
     prompt_suffix: str = "Let's think step by step and output the final answer within \\boxed{}."
+    # The tiny model's warm-start demonstrations: `plain` ("47 + 38 = 85. The answer is \\boxed{85}.")
+    # or `columns` (two-term additions worked from the units column, carries written: "7 + 8 = 15,
+    # 4 + 3 + 1 = 8. The answer is \\boxed{85}."). Only the tiny model's warm start reads it.
+    demo_style: str = "plain"
 
 
 @dataclass

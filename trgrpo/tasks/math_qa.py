@@ -21,6 +21,29 @@ from trgrpo.tasks.data import load_records
 TEST_SEED_OFFSET = 1_000_003
 WARMSTART_EXAMPLES = 16384  # = trgrpo.models.tiny.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
 _INT = re.compile(r"^[+-]?\d+$")
+_SUM = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
+DEMO_STYLES = ("plain", "columns")
+
+
+def column_work(expression: str) -> str | None:
+    """A two-term addition worked column by column from the units, each carry written (None otherwise).
+
+    "47 + 38" -> "7 + 8 = 15, 4 + 3 + 1 = 8.": every step is a one-digit sum, a table of 200 entries
+    that a few hundred examples cover, so a tiny model that learns the steps can add numbers it never
+    saw; the answer is the last column's sum followed by the earlier columns' units digits.
+    """
+    match = _SUM.match(expression or "")
+    if match is None:
+        return None
+    a, b = match.groups()
+    width = max(len(a), len(b))
+    a, b = a.zfill(width), b.zfill(width)
+    steps, carry = [], None
+    for x, y in zip(reversed(a), reversed(b), strict=True):
+        total = int(x) + int(y) + (carry or 0)
+        steps.append(f"{x} + {y} = {total}" if carry is None else f"{x} + {y} + {carry} = {total}")
+        carry = total // 10
+    return ", ".join(steps) + "."
 
 
 def _as_int(text: str) -> int | None:
@@ -48,6 +71,8 @@ class MathTask:
     def __init__(self, cfg: MathTaskConfig):
         if cfg.reward != "binary":
             raise ConfigError(f"task.reward={cfg.reward!r} is not valid for math; choose one of: binary")
+        if cfg.demo_style not in DEMO_STYLES:
+            raise ConfigError(f"task.demo_style={cfg.demo_style!r}: choose one of {', '.join(DEMO_STYLES)}")
         if cfg.dataset is None and not cfg.generators:
             raise ConfigError("task=math needs task.generators (offline) or task.dataset (a hub id or path)")
         self.cfg = cfg
@@ -142,7 +167,8 @@ class MathTask:
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
         expression = example.meta.get("expression")
-        work = f"{expression} = {example.answer}. " if expression else ""
+        columns = column_work(expression) if self.cfg.demo_style == "columns" else None
+        work = f"{columns} " if columns else f"{expression} = {example.answer}. " if expression else ""
         return [(f"{work}The answer is \\boxed{{{example.answer}}}.", True)]
 
 
