@@ -143,7 +143,7 @@ def step_cases(model_dir: Path, model: str, args) -> dict[str, dict]:
     trl = dict(
         kind="trl", model_dir=str(model_dir), threads=None, group_size=args.group_size, lr=args.lr, **common
     )
-    common_ours = dict(common, profile=getattr(args, "profile", False))
+    common_ours = dict(common, profile=args.profile)
     return {
         "ours (defaults)": dict(kind="ours", overrides=ours, **common_ours),
         "trl bf16 (its defaults)": dict(trl, bf16=True, gradient_checkpointing=True),
@@ -199,15 +199,11 @@ def pool_rounds(runs: list[dict]) -> dict:
     return out
 
 
-def learner_fraction(r: dict, name: str) -> tuple[float, float]:
-    """Learner FLOP/s (6 · matmul params · tokens / update seconds) and its fraction of the matmul rate."""
+def learner_fraction(r: dict) -> tuple[float, float]:
+    """Learner FLOP/s (6 · matmul params · tokens / update seconds) and its fraction of the matmul rate
+    of the precision the case ran in (every case reports its resolved precision)."""
     flops = 6 * r["matmul_params"] * r["learner_tokens"] / max(r["update"], 1e-9)
-    rate = (
-        r["bf16_rate"]
-        if r.get("precision", "bf16" if "bf16" in name else "fp32") == "bf16"
-        else r["fp32_rate"]
-    )
-    return flops, flops / rate
+    return flops, flops / r[f"{r['precision']}_rate"]
 
 
 def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
@@ -227,7 +223,7 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
             if "error" in r:
                 print(f"| {model} | {name} | error, {error_summary(r)} |")
                 continue
-            flops, frac = learner_fraction(r, name)
+            flops, frac = learner_fraction(r)
             ratio = f"{r['step'] / base:.2f}x" if base else "–"
             print(
                 f"| {model} | {name} | {r.get('precision', '?')}, {r.get('threads', '?')} "

@@ -115,7 +115,7 @@ def ours(case: dict) -> dict:
     data = task.dataset("train", cfg.task.train_size, cfg.task.data_seed)
     sampler = PromptSampler(len(data), cfg.seed)
     limit = context_limit(policy, cfg.model)
-    rows, profiles = [], {}
+    rows, profiles, peak_rss = [], {}, None
     timed_end = case["warmup"] + case["steps"]
     for step in range(timed_end + (1 if case.get("profile") else 0)):  # profiled: one untimed step more
         scored.clear()
@@ -128,6 +128,8 @@ def ours(case: dict) -> dict:
             seed=step,
         )
         profiling = step == timed_end
+        if profiling:  # the peak of the timed steps, before the profiler's own memory
+            peak_rss = maxrss_bytes() - rss0
         t0 = time.perf_counter()
         prompts = encode_prompts(tokenizer, examples, limit=limit, max_new_tokens=r.max_new_tokens)
         with profiled(profiling, profiles, "generate"):
@@ -164,7 +166,9 @@ def ours(case: dict) -> dict:
         )
     pool.close()
     out = summarize(rows[case["warmup"] : timed_end])
-    out.update(peak_rss=maxrss_bytes() - rss0, matmul_params=matmul_params(policy))
+    out.update(
+        peak_rss=maxrss_bytes() - rss0 if peak_rss is None else peak_rss, matmul_params=matmul_params(policy)
+    )
     out.update(fp32_rate=matmul_rate(torch.float32), bf16_rate=matmul_rate(torch.bfloat16))
     out.update(precision=settings.precision, threads=settings.threads, profiles=profiles)
     return out

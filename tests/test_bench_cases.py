@@ -15,7 +15,9 @@ import bench
 
 
 def _args(**kw) -> Namespace:
-    base = dict(warmup=1, steps=2, prompts=0, max_new_tokens=0, group_size=8, lr=1e-4, cases="")
+    base = dict(
+        warmup=1, steps=2, prompts=0, max_new_tokens=0, group_size=8, lr=1e-4, cases="", profile=False
+    )
     return Namespace(**{**base, **kw})
 
 
