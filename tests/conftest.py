@@ -26,6 +26,7 @@ FAST = [
     "rollout.group_size=4",
     "rollout.max_new_tokens=24",
     "trainer.eval_samples=2",
+    "trainer.eval_every=0",  # one evaluation, at the end (the default's step-0 one costs test time)
     "eval.ks=[1,2]",
     "trainer.verify_workers=0",
     "logger.console=false",

@@ -59,7 +59,7 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "unknown task under show": (["show", "task=maths"], OURS, ["trgrpo show: error: task=maths", "logic"]),
     "type error under eval": (["eval", "trainer.steps=abc"], OURS, ["trgrpo eval: error: trainer.steps"]),
     "empty test split under eval": (  # 1-digit sums: all 100 in the training pool; before a model loads
-        ["eval", "task.generators.0.params.max_digits=1"],
+        ["eval", "task.generators.0.params.min_digits=1", "task.generators.0.params.max_digits=1"],
         OURS,
         ["trgrpo eval: error: task=math: the test split is empty", "task.train_size"],
     ),
@@ -230,7 +230,15 @@ def test_plan_names_the_model_it_loads(tmp_path):
 def test_a_task_with_no_held_out_problems_is_a_one_line_error(tmp_path):
     """1-digit addition has 100 distinct problems, all in the 512-problem training pool: the held-out
     split is empty. Refused before a model is built (no traceback at the step-0 evaluation)."""
-    args = [sys.executable, "-m", "trgrpo", "train", *FAST, "task.generators.0.params.max_digits=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "trgrpo",
+        "train",
+        *FAST,
+        "task.generators.0.params.min_digits=1",
+        "task.generators.0.params.max_digits=1",
+    ]
     done = subprocess.run([*args, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "error" in line.lower()]

@@ -82,10 +82,14 @@ def test_train_and_test_never_share_a_question(task):
     assert again == [e.prompt for e in test]  # deterministic
 
 
-def test_demonstrations_score_one(task):
-    for example in task.dataset("train", 50, 3):
-        text = "".join(t for t, _ in task.demonstration(example))
-        assert task.verify(example, text).score == 1.0
+def test_demonstrations_score_one_without_slips():
+    cfg = make_cfg("task.demo_slip=0").task
+    for style in ("plain", "columns"):
+        cfg.demo_style = style
+        task = make_task(cfg)
+        for example in task.dataset("train", 50, 3):
+            text = "".join(t for t, _ in task.demonstration(example))
+            assert task.verify(example, text).score == 1.0
 
 
 @pytest.mark.parametrize(
@@ -104,11 +108,12 @@ def test_demonstrations_score_one(task):
 def test_column_work_by_hand(expression, work):
     from trgrpo.tasks.math_qa import column_work
 
-    assert column_work(expression) == work
+    expected = None if work is None else (work, str(sum(int(term) for term in expression.split("+"))))
+    assert column_work(expression) == expected
 
 
 def test_column_demonstrations_score_one_and_fall_back_to_plain():
-    cfg = make_cfg().task
+    cfg = make_cfg("task.demo_slip=0").task
     cfg.demo_style = "columns"
     columns = make_task(cfg)
     example = Example("t", "Calculate 47 + 38.", "85", meta={"expression": "47 + 38"})
@@ -119,6 +124,65 @@ def test_column_demonstrations_score_one_and_fall_back_to_plain():
         assert columns.verify(example, columns.demonstration(example)[0][0]).score == 1.0
     cfg.demo_style = "steps"
     with pytest.raises(ConfigError, match=r"task\.demo_style=.steps."):
+        make_task(cfg)
+
+
+@pytest.mark.parametrize(
+    ("expression", "work", "answer"),
+    [
+        ("47 + 38", "7 + 8 = 15, 4 + 3 + 0 = 7.", "75"),  # the carry written as 0: the classic slip
+        ("67 + 58", "7 + 8 = 15, 6 + 5 + 0 = 11.", "115"),
+        ("358 + 67", "8 + 7 = 15, 5 + 6 + 0 = 11, 3 + 0 + 0 = 3.", "315"),  # every carry forgotten
+        ("12 + 30", "2 + 0 = 2, 1 + 3 + 0 = 4.", "42"),  # nothing to forget: the right work
+        ("3 + 4", "3 + 4 = 7.", "7"),
+    ],
+)
+def test_column_work_with_forgotten_carries_by_hand(expression, work, answer):
+    from trgrpo.tasks.math_qa import column_work
+
+    assert column_work(expression, forget_carries=True) == (work, answer)
+
+
+def test_demo_slip_forgets_carries_in_that_share_of_carry_demonstrations():
+    cfg = make_cfg().task
+    cfg.demo_style, cfg.demo_slip = "columns", 1.0
+    always = make_task(cfg)
+    example = Example("t", "Calculate 47 + 38.", "85", meta={"expression": "47 + 38"})
+    assert always.demonstration(example) == [("7 + 8 = 15, 4 + 3 + 0 = 7. The answer is \\boxed{75}.", True)]
+    no_carry = Example("t", "Calculate 12 + 30.", "42", meta={"expression": "12 + 30"})
+    assert always.verify(no_carry, always.demonstration(no_carry)[0][0]).score == 1.0
+
+    cfg.demo_slip = 0.6
+    task = make_task(cfg)
+    examples = task.dataset("train", 2000, 0)
+    carries = [ex for ex in examples if has_carry(ex)]
+    wrong = [ex for ex in carries if task.verify(ex, task.demonstration(ex)[0][0]).score == 0.0]
+    assert len(carries) > 300  # 22% of 1–2-digit additions carry
+    assert 0.55 < len(wrong) / len(carries) < 0.65  # the share asked for, drawn per example
+    assert task.demonstration(carries[0]) == task.demonstration(carries[0])  # fixed per example
+    for ex in examples:  # only carry problems ever slip
+        if ex not in carries:
+            assert task.verify(ex, task.demonstration(ex)[0][0]).score == 1.0
+
+
+def has_carry(example):
+    from trgrpo.tasks.math_qa import column_work
+
+    expression = example.meta.get("expression")
+    return column_work(expression) != column_work(expression, forget_carries=True)
+
+
+@pytest.mark.parametrize(
+    ("style", "slip", "message"),
+    [
+        ("columns", 1.5, r"task\.demo_slip=1\.5.*between 0 and 1"),
+        ("plain", 0.5, r"task\.demo_slip.*demo_style=columns"),
+    ],
+)
+def test_demo_slip_is_checked(style, slip, message):
+    cfg = make_cfg().task
+    cfg.demo_style, cfg.demo_slip = style, slip
+    with pytest.raises(ConfigError, match=message):
         make_task(cfg)
 
 

@@ -52,8 +52,8 @@ def test_default_plan_arithmetic_and_names():
     assert row(lines, "rollouts per step N·G") == "128"
     assert row(lines, "optimizer steps per step").startswith("1 ")
     assert row(lines, "optimizer steps in total").startswith("200 ")
-    assert row(lines, "worst-case tokens per rollout") == "prompt + rollout.max_new_tokens = prompt + 32"
-    # 8192 // (64 + 32) = 85 rows per micro-batch → ceil(128 / 85) = 2 micro-batches
+    assert row(lines, "worst-case tokens per rollout") == "prompt + rollout.max_new_tokens = prompt + 48"
+    # 8192 // (64 + 48) = 73 rows per micro-batch → ceil(128 / 73) = 2 micro-batches
     assert row(lines, "micro-batches (prompt ≤ 64)").startswith("2 per minibatch")
     assert row(lines, "clip range").startswith("[0.8, 1.2]")
     assert row(lines, "normaliser").startswith(TOKEN_MEAN)
@@ -69,7 +69,7 @@ PRESETS = {
     "grpo": (TOKEN_MEAN, {0.01: 1.0, 0.5: 1.0, 0.99: 1.0}, {"shape": "none: w ≡ 1"}),
     "tr_grpo": (TOKEN_MEAN, {0.01: 1.0, 0.05: 1.0, 0.2: 1.216, 0.3: 1.374, 0.5: 1.4, 0.99: 1.4}, {}),
     "dr_grpo": (
-        "Σ / (agg_max_len or rollout.max_new_tokens × sequences) = Σ / (32 × 128)",
+        "Σ / (agg_max_len or rollout.max_new_tokens × sequences) = Σ / (48 × 128)",
         {0.01: 1.0, 0.99: 1.0},
         {"advantages": "Â = R − mean_g R", "KL term": "off", "reference model": "not loaded"},
     ),
@@ -258,20 +258,20 @@ def test_paper_overlays_hold_the_ar_lopti_recipe(task):
 
 
 def test_sweep_cpu_is_the_documented_grid():
-    """conf/experiment/sweep_cpu (`make sweep`): 3 tasks × grpo/tr_grpo × 3 seeds, 50 steps, eval at
-    0, 25 and 50, one tiny base model per task shared by the seeds (README "Results" reads it so)."""
+    """conf/experiment/sweep_cpu (`make sweep`): 3 tasks × grpo/tr_grpo/tr_grpo_norm × 3 seeds, 50
+    steps, eval at 0, 10, …, 50, one tiny base model per task shared by the seeds (README "Results")."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("trgrpo.conf", version_base=None):
         raw = compose("config", overrides=["experiment=sweep_cpu"], return_hydra_config=True)
     assert dict(raw.hydra.sweeper.params) == {
         "task": "math,logic,tool_qa",
-        "algo": "grpo,tr_grpo",
+        "algo": "grpo,tr_grpo,tr_grpo_norm",
         "seed": "0,1,2",
     }
     for seed in (0, 2):
         cfg = make_cfg("experiment=sweep_cpu", f"seed={seed}")
-        assert (cfg.trainer.steps, cfg.trainer.eval_every, cfg.trainer.eval_at_start) == (50, 25, True)
+        assert (cfg.trainer.steps, cfg.trainer.eval_every, cfg.trainer.eval_at_start) == (50, 10, True)
         assert cfg.model.name == "tiny" and cfg.model.tiny.seed == 0
 
 
@@ -305,7 +305,7 @@ def test_sweep_cpu_is_the_documented_grid():
         (["task=logic", "task.path=./no-such-kk.jsonl"], "task.path='./no-such-kk.jsonl' does not exist"),
         (["logger.mode=cloud"], "logger.mode='cloud' is not valid"),
         (["model.tiny.heads=3"], "model.tiny.hidden_size=128 must be a multiple of model.tiny.heads=3"),
-        (["model.max_context=32"], "rollout.max_new_tokens=32 leaves no room for a prompt"),
+        (["model.max_context=48"], "rollout.max_new_tokens=48 leaves no room for a prompt"),
     ],
 )
 def test_problems_name_the_field_to_change(overrides, fragment):

@@ -188,3 +188,32 @@ def test_bf16_generation_runs_the_body_in_bf16_and_the_head_in_fp32(tiny, decode
     assert next(model.parameters()).dtype == torch.float32
     assert len(bf16) == len(fp32) and all(all(map(math.isfinite, c.logprobs)) for c in bf16)
     assert fp32 == HFEngine(model, tokenizer, decode=decode).generate(prompts, sampling)
+
+
+def test_bf16_caches_are_bf16_and_logprobs_stay_close_to_fp32(tiny, monkeypatch):
+    """Under bf16 the decoder keeps its key/value caches in bfloat16 (no per-step casts of the whole
+    cache), and each sampled token's log-prob stays within bf16 rounding of the fp32 teacher-forced one."""
+    model, tokenizer, _ = tiny
+    prompts = _prompts(tokenizer)
+    states = []
+    prefill = prefix_decode._prefill
+
+    def spy(*args, **kwargs):
+        states.append(prefill(*args, **kwargs))
+        return states[-1]
+
+    monkeypatch.setattr(prefix_decode, "_prefill", spy)
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, n=4, seed=3)
+    completions = HFEngine(model, tokenizer, decode="shared_prefix", precision="bf16").generate(
+        prompts, sampling
+    )
+    (state,) = states
+    tensors = [*state.keys, *state.values, *state.new_keys, *state.new_values, state.bias, state.future]
+    assert {t.dtype for t in tensors} == {torch.bfloat16}
+    for k, c in enumerate(completions):
+        prompt = prompts[k // 4]
+        ids = torch.tensor([prompt + list(c.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=0.1), k

@@ -61,6 +61,7 @@ def test_plan_m_checks_every_job_and_writes_nothing(tmp_path):
         "-m",
         *FAST,
         "rollout.group_size=1,4",
+        "task.generators.0.params.min_digits=1",
         "task.generators.0.params.max_digits=1,2",
         f"hydra.sweep.dir={sweep}",
     )

@@ -37,7 +37,7 @@ def test_what_the_build_reads_changes_the_key():
     assert key("task=tool_qa") != key("task=tool_qa", "task.max_hops=3")
     # The warm start reads min(train_size, steps × batch) examples: train_size counts below that only.
     cfg = make_cfg("task=math")
-    assert warmstart_size(cfg.model.tiny, cfg.task) == 512
+    assert warmstart_size(cfg.model.tiny, cfg.task) == 2048  # train_size 2048 < 450 steps × 32
     assert key("task=math", "task.train_size=600") != base
     assert key("task=math", "task.train_size=20000") == key("task=math", "task.train_size=30000")
 

@@ -60,6 +60,10 @@ class MathTaskConfig(TaskConfig):
     # or `columns` (two-term additions worked from the units column, carries written: "7 + 8 = 15,
     # 4 + 3 + 1 = 8. The answer is \\boxed{85}."). Only the tiny model's warm start reads it.
     demo_style: str = "plain"
+    # With columns: the share of demonstrations that forget every carry ("4 + 3 + 0 = 7", a wrong
+    # answer), drawn once per example. Above 0.5 the warm-started model's most likely work is wrong on
+    # carry problems while its samples are sometimes right: room for RL to move greedy decoding.
+    demo_slip: float = 0.0
 
 
 @dataclass

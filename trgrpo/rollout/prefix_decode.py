@@ -51,8 +51,13 @@ class _Prefix:
     bias: Tensor
     new_keys: list[Tensor]
     new_values: list[Tensor]
+    future: Tensor  # [max_new_tokens] additive mask of the generated positions: 0 up to `step`, -inf after
     n: int  # rows per prompt
     step: int = 0  # index of the token being decoded
+
+    def advance(self, t: int) -> None:
+        self.step = t
+        self.future[t] = 0.0
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **_):
@@ -66,10 +71,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     r, n = heads // kv_heads, state.n
     prompts = rows // n
     scale = scaling if scaling is not None else d**-0.5
-    q = query.reshape(rows, kv_heads, r, d) * scale  # query heads grouped under their kv head (GQA)
-    own_k = state.new_keys[layer][:, :, : t + 1]
-    own_v = state.new_values[layer][:, :, : t + 1]
-    scores = q @ own_k.transpose(-1, -2)  # [rows, kv_heads, r, t+1]
+    dtype = state.new_keys[layer].dtype
+    q = (query.reshape(rows, kv_heads, r, d) * scale).to(dtype)  # query heads under their kv head (GQA)
+    # Each row against the whole buffer of its generated keys, the positions not yet decoded masked:
+    # a slice [:t+1] would be copied into a contiguous tensor by every matmul, a growing copy per
+    # layer and step that cost more than the attention itself (most of a bf16 decode on CPU).
+    own_k, own_v = state.new_keys[layer], state.new_values[layer]
+    scores = q @ own_k.transpose(-1, -2) + state.future  # [rows, kv_heads, r, max_new_tokens]
     width = state.keys[layer].shape[-2]
     if width:
 
@@ -81,11 +89,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
         shared = by_prompt(q) @ state.keys[layer].transpose(-1, -2) + state.bias
         scores = torch.cat([by_row(shared), scores], dim=-1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     out = probs[..., width:] @ own_v
     if width:
         out = out + by_row(by_prompt(probs[..., :width]) @ state.values[layer])
-    return out.reshape(rows, heads, 1, d).transpose(1, 2), None
+    return out.to(query.dtype).reshape(rows, heads, 1, d).transpose(1, 2), None
 
 
 def _register() -> None:
@@ -135,7 +143,7 @@ def sample(
     live = torch.ones(rows, dtype=torch.bool, device=device)
     with _attention_swapped(model):
         for t in range(max_new_tokens):
-            state.step = t
+            state.advance(t)
             hidden = body(
                 input_ids=token[:, None],
                 position_ids=(position + t)[:, None],
@@ -192,11 +200,15 @@ def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens
     layers = config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = next(model.parameters()).dtype
     prompts, device = input_ids.shape[0], input_ids.device
+    # Keys and values in the precision the attention computes in (bfloat16 under the engine's
+    # autocast), so no matmul casts the caches again at every step.
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
     empty = torch.zeros((prompts, kv_heads, 0, head_dim), dtype=dtype, device=device)
-    keys = [layer.keys for layer in cache.layers] if cache is not None else [empty] * layers
-    values = [layer.values for layer in cache.layers] if cache is not None else [empty] * layers
+    keys = [layer.keys.to(dtype) for layer in cache.layers] if cache is not None else [empty] * layers
+    values = [layer.values.to(dtype) for layer in cache.layers] if cache is not None else [empty] * layers
     mask = attention[:, :-1]
     bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask == 0, float("-inf"))
 
@@ -209,5 +221,6 @@ def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens
         bias[:, None, None, :],
         [buffer() for _ in range(layers)],
         [buffer() for _ in range(layers)],
+        torch.full((max_new_tokens,), float("-inf"), dtype=dtype, device=device),
         n,
     )

@@ -25,12 +25,14 @@ _SUM = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
 DEMO_STYLES = ("plain", "columns")
 
 
-def column_work(expression: str) -> str | None:
-    """A two-term addition worked column by column from the units, each carry written (None otherwise).
+def column_work(expression: str, *, forget_carries: bool = False) -> tuple[str, str] | None:
+    """A two-term addition worked column by column from the units, each carry written, and its answer.
 
-    "47 + 38" -> "7 + 8 = 15, 4 + 3 + 1 = 8.": every step is a one-digit sum, a table of 200 entries
-    that a few hundred examples cover, so a tiny model that learns the steps can add numbers it never
-    saw; the answer is the last column's sum followed by the earlier columns' units digits.
+    "47 + 38" -> ("7 + 8 = 15, 4 + 3 + 1 = 8.", "85"): every step is a one-digit sum, a table of 200
+    entries that a few hundred examples cover, so a tiny model that learns the steps can add numbers it
+    never saw; the answer is the last column's sum followed by the earlier columns' units digits.
+    `forget_carries` writes every carry as 0, the classic slip: ("7 + 8 = 15, 4 + 3 + 0 = 7.", "75").
+    None for anything but a two-term addition.
     """
     match = _SUM.match(expression or "")
     if match is None:
@@ -38,12 +40,19 @@ def column_work(expression: str) -> str | None:
     a, b = match.groups()
     width = max(len(a), len(b))
     a, b = a.zfill(width), b.zfill(width)
-    steps, carry = [], None
+    steps, units, carry = [], [], None
     for x, y in zip(reversed(a), reversed(b), strict=True):
         total = int(x) + int(y) + (carry or 0)
         steps.append(f"{x} + {y} = {total}" if carry is None else f"{x} + {y} + {carry} = {total}")
-        carry = total // 10
-    return ", ".join(steps) + "."
+        units.append(str(total % 10))
+        carry = 0 if forget_carries else total // 10
+    answer = str(total) + "".join(reversed(units[:-1]))
+    return ", ".join(steps) + ".", answer
+
+
+def _forgets_carries(example: Example, share: float) -> bool:
+    """Whether this example's demonstration slips: a fixed draw per example, so rebuilds agree."""
+    return share > 0 and random.Random(f"demo_slip:{example.id}:{example.prompt}").random() < share
 
 
 def _as_int(text: str) -> int | None:
@@ -73,6 +82,10 @@ class MathTask:
             raise ConfigError(f"task.reward={cfg.reward!r} is not valid for math; choose one of: binary")
         if cfg.demo_style not in DEMO_STYLES:
             raise ConfigError(f"task.demo_style={cfg.demo_style!r}: choose one of {', '.join(DEMO_STYLES)}")
+        if not 0.0 <= cfg.demo_slip <= 1.0:
+            raise ConfigError(f"task.demo_slip={cfg.demo_slip}: a share of demonstrations, between 0 and 1")
+        if cfg.demo_slip > 0 and cfg.demo_style != "columns":
+            raise ConfigError("task.demo_slip forgets carries in worked columns: set task.demo_style=columns")
         if cfg.dataset is None and not cfg.generators:
             raise ConfigError("task=math needs task.generators (offline) or task.dataset (a hub id or path)")
         self.cfg = cfg
@@ -166,10 +179,16 @@ class MathTask:
         return Reward(score, {"correct": float(correct), "format": float(parsable)})
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
-        expression = example.meta.get("expression")
-        columns = column_work(expression) if self.cfg.demo_style == "columns" else None
-        work = f"{columns} " if columns else f"{expression} = {example.answer}. " if expression else ""
-        return [(f"{work}The answer is \\boxed{{{example.answer}}}.", True)]
+        expression, answer = example.meta.get("expression"), example.answer
+        columns = None
+        if self.cfg.demo_style == "columns":
+            columns = column_work(expression, forget_carries=_forgets_carries(example, self.cfg.demo_slip))
+        if columns is not None:
+            work, answer = columns
+            work += " "
+        else:
+            work = f"{expression} = {answer}. " if expression else ""
+        return [(f"{work}The answer is \\boxed{{{answer}}}.", True)]
 
 
 def _with_suffix(question: str, suffix: str) -> str:
