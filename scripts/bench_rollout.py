@@ -57,7 +57,7 @@ def timed(fn) -> float:
 
 
 def bench_model(
-    name: str, tokenizer, prompts, sampling: Sampling, repeats: int, names: list[str]
+    name: str, tokenizer, prompts, sampling: Sampling, repeats: int, names: list[str], precision: str = "fp32"
 ) -> list[dict]:
     from trgrpo.models.tiny import _init_model
     from trgrpo.rollout.hf_engine import HFEngine
@@ -72,7 +72,8 @@ def bench_model(
 
             engines[key] = VLLMEngine(model, tokenizer, RolloutConfig(engine="vllm"), seed=0)
         else:
-            engines[key] = HFEngine(model, tokenizer, decode="generate" if key == "hf-generate" else "auto")
+            decode = "generate" if key == "hf-generate" else "auto"
+            engines[key] = HFEngine(model, tokenizer, decode=decode, precision=precision)
         start_s[key] = time.perf_counter() - start
     seconds: dict[str, list[float]] = {k: [] for k in engines}
     tokens: dict[str, list[int]] = {k: [] for k in engines}
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="the hf engines' (trainer.precision)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if args.threads:
@@ -125,10 +129,10 @@ def main() -> None:
     sampling = Sampling(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n, seed=0)
     rows = []
     for name in args.models:
-        rows += bench_model(name, tokenizer, prompts, sampling, args.repeats, args.engines)
+        rows += bench_model(name, tokenizer, prompts, sampling, args.repeats, args.engines, args.precision)
     print(
         f"\n{args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}, "
-        f"{torch.get_num_threads()} torch threads, median of {args.repeats} calls\n"
+        f"{torch.get_num_threads()} torch threads, hf in {args.precision}, median of {args.repeats} calls\n"
     )
     base = args.engines[0]
     print(f"| model | params | engine | tokens/call | s/call | tokens/s | vs {base} | start s | sync s |")

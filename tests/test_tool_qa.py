@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from trgrpo.config.schema import ToolQATaskConfig
+from trgrpo.config.schema import ConfigError, ToolQATaskConfig
 from trgrpo.run.records import Example
 from trgrpo.tasks.tool_qa import ToolQATask
 from trgrpo.tasks.tool_qa_world import YEARS, build_world, word_split
@@ -158,6 +158,35 @@ def test_hops_range_and_demonstrations_verify(tmp_path) -> None:
             assert observation == tool(call[len(tool.open_tag) : -len(tool.close_tag)], ex)
         reward = task.verify(ex, "".join(text for text, _ in segments))
         assert reward.score == 1.0 and reward.components["diag_evidence_recall"] == 1.0, segments
+
+
+def test_demo_slip_answers_the_bridge_entity_after_one_search() -> None:
+    """task.demo_slip for tool_qa: that share of multi-hop demonstrations stops after the first search
+    and answers the entity it found (the next hop's title), the classic stop-too-early error."""
+    cfg = ToolQATaskConfig(min_hops=1, max_hops=2, questions_per_world=16, demo_slip=1.0)
+    task = ToolQATask(cfg)
+    examples = task.dataset("train", 64, seed=2)
+    two_hop = [ex for ex in examples if len(ex.meta["evidence"]) == 2]
+    one_hop = [ex for ex in examples if len(ex.meta["evidence"]) == 1]
+    assert two_hop and one_hop
+    for ex in two_hop:
+        first, bridge = ex.meta["evidence"]
+        segments = task.demonstration(ex)
+        assert segments == [
+            (f"<search> {first}</search>", True),
+            (task.tools["search"](first, ex), False),
+            (f"<answer> {bridge}</answer>", True),
+        ]
+        assert task.verify(ex, "".join(text for text, _ in segments)).score == 0.0
+    for ex in one_hop:  # nothing to stop early on
+        assert task.verify(ex, "".join(text for text, _ in task.demonstration(ex))).score == 1.0
+
+    half = ToolQATask(ToolQATaskConfig(min_hops=2, max_hops=2, questions_per_world=16, demo_slip=0.5))
+    many = half.dataset("train", 400, seed=2)
+    slipped = sum(half.verify(ex, "".join(t for t, _ in half.demonstration(ex))).score == 0.0 for ex in many)
+    assert 0.42 < slipped / len(many) < 0.58
+    with pytest.raises(ConfigError, match=r"task\.demo_slip=-0\.1"):
+        ToolQATask(ToolQATaskConfig(demo_slip=-0.1))
 
 
 def test_search_tool_output(task: ToolQATask, test_set: list[Example]) -> None:

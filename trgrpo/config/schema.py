@@ -94,6 +94,9 @@ class ToolQATaskConfig(TaskConfig):
     questions_per_world: int = (
         32  # questions asked about one generated world (worlds per dataset = size / this)
     )
+    # The tiny model's warm start: the share of multi-hop demonstrations that stop after the first
+    # search and answer the entity found there (wrong), drawn once per example (0 = faithful).
+    demo_slip: float = 0.0
     questions_path: str | None = None  # real data: NQ/HotpotQA-style jsonl with question and answers
     corpus_path: str | None = None  # real data: jsonl of {"title", "text"} documents to search
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 from trgrpo.config.schema import ConfigError
@@ -82,3 +83,14 @@ def task_data(task, tc) -> tuple[list, list]:
             tc.eval_size,
         )
     return train, held_out
+
+
+def check_demo_slip(share: float) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"task.demo_slip={share}: a share of demonstrations, between 0 and 1")
+
+
+def demo_slips(example, share: float) -> bool:
+    """Whether this example's tiny-model demonstration makes the task's slip (task.demo_slip): a fixed
+    draw per example, so every rebuild of the warm start agrees."""
+    return share > 0 and random.Random(f"demo_slip:{example.id}:{example.prompt}").random() < share

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from trgrpo.config.schema import ConfigError, MathTaskConfig
 from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_boxed
-from trgrpo.tasks.data import load_records
+from trgrpo.tasks.data import check_demo_slip, demo_slips, load_records
 
 TEST_SEED_OFFSET = 1_000_003
 WARMSTART_EXAMPLES = 16384  # = trgrpo.models.tiny.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
@@ -50,11 +50,6 @@ def column_work(expression: str, *, forget_carries: bool = False) -> tuple[str, 
     return ", ".join(steps) + ".", answer
 
 
-def _forgets_carries(example: Example, share: float) -> bool:
-    """Whether this example's demonstration slips: a fixed draw per example, so rebuilds agree."""
-    return share > 0 and random.Random(f"demo_slip:{example.id}:{example.prompt}").random() < share
-
-
 def _as_int(text: str) -> int | None:
     cleaned = text.replace(",", "").replace("\\!", "").replace("$", "").replace(" ", "")
     cleaned = cleaned.removeprefix("\\text{").removesuffix("}") if cleaned.startswith("\\text{") else cleaned
@@ -82,8 +77,7 @@ class MathTask:
             raise ConfigError(f"task.reward={cfg.reward!r} is not valid for math; choose one of: binary")
         if cfg.demo_style not in DEMO_STYLES:
             raise ConfigError(f"task.demo_style={cfg.demo_style!r}: choose one of {', '.join(DEMO_STYLES)}")
-        if not 0.0 <= cfg.demo_slip <= 1.0:
-            raise ConfigError(f"task.demo_slip={cfg.demo_slip}: a share of demonstrations, between 0 and 1")
+        check_demo_slip(cfg.demo_slip)
         if cfg.demo_slip > 0 and cfg.demo_style != "columns":
             raise ConfigError("task.demo_slip forgets carries in worked columns: set task.demo_style=columns")
         if cfg.dataset is None and not cfg.generators:
@@ -182,7 +176,7 @@ class MathTask:
         expression, answer = example.meta.get("expression"), example.answer
         columns = None
         if self.cfg.demo_style == "columns":
-            columns = column_work(expression, forget_carries=_forgets_carries(example, self.cfg.demo_slip))
+            columns = column_work(expression, forget_carries=demo_slips(example, self.cfg.demo_slip))
         if columns is not None:
             work, answer = columns
             work += " "

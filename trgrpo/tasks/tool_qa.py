@@ -24,6 +24,7 @@ from trgrpo.config.schema import ConfigError, ToolQATaskConfig
 from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_tag, normalize_text
 from trgrpo.tasks.calc import CalcTool
+from trgrpo.tasks.data import check_demo_slip, demo_slips
 from trgrpo.tasks.tool_qa_search import Bm25Index, SearchTool
 from trgrpo.tasks.tool_qa_world import World, build_world, lookup_question, numeric_question, world_seed
 
@@ -58,6 +59,7 @@ class ToolQATask:
             raise ConfigError(
                 f"task.min_hops={cfg.min_hops}, task.max_hops={cfg.max_hops}: need 1 ≤ min ≤ max"
             )
+        check_demo_slip(cfg.demo_slip)
         if (cfg.questions_path is None) != (cfg.corpus_path is None):
             raise ConfigError("real data needs both task.questions_path and task.corpus_path (or neither)")
         self.cfg = cfg
@@ -209,6 +211,8 @@ class ToolQATask:
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
         """Search each hop's document by its title, compute if needed, answer; observations untrained.
+        With task.demo_slip, that share of multi-hop demonstrations stops after the first search and
+        answers the entity found there (the second hop's title): a wrong answer.
 
         A space follows `<search>` and `<answer>` (the tool and the verifier strip it): a name copied
         from the question or a document then tokenises exactly as it did there (" Baifi", not "Baifi"),
@@ -216,6 +220,13 @@ class ToolQATask:
         """
         meta = example.meta
         queries = meta.get("evidence") or [meta.get("question", "")]
+        if len(queries) > 1 and demo_slips(example, self.cfg.demo_slip):  # answers what it found first
+            first, bridge = queries[0], queries[1]
+            return [
+                (f"<search> {first}</search>", True),
+                (self.tools["search"](first, example), False),
+                (f"<answer> {bridge}</answer>", True),
+            ]
         segments: list[tuple[str, bool]] = []
         for query in queries:
             segments.append((f"<search> {query}</search>", True))
