@@ -204,8 +204,8 @@ def _results_section(
         "(the initial policy). Best: the highest eval accuracy logged during training (step > 0). "
         f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Mean weight: mean over "
         "steps of `weights/mean`, the token weight the loss applied (1 for GRPO and under "
-        "`algo.weights.normalize=mean`; above 1 the weights also scale the step, like a larger learning "
-        "rate). Grad norm: before "
+        "`algo.weights.normalize=mean`; above 1 the weights also scale the gradient and its logged norm, "
+        "which AdamW cancels in the update except through gradient clipping). Grad norm: before "
         "clipping; Var of Δ: mean over seeds of var(diff(train/grad_norm)), the step-to-step variability "
         "the TR-GRPO paper claims to reduce.",
         "",
