@@ -20,6 +20,10 @@ FAST = [
     "model.tiny.intermediate_size=128",
     "model.tiny.vocab_size=400",
     "task.train_size=256",
+    # the plain demonstrations: short answers that fit rollout.max_new_tokens=24 below, so the fast
+    # model earns format rewards and its groups have advantages (the column-worked default needs ~30)
+    "task.demo_style=plain",
+    "task.demo_slip=0",
     "task.eval_size=8",
     "task.format_reward=0.5",  # a gradient even while the tiny test model is rarely right
     "trainer.prompts_per_step=4",
