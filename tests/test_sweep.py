@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, make_cfg
+from conftest import FAST, FAST_ANY_TASK, make_cfg
 from test_resume import RUN, assert_same_rows, comparable, finish, reference_rows, wait_for_step
 
 from trgrpo.config.schema import ConfigError
@@ -217,7 +217,7 @@ def test_every_task_checks_its_data_sizes(task, caplog):
     held-out split that repeats many problems warns (math's default 128 draws of 2-digit sums repeat a
     few: no warning for those)."""
     sizes = ["task.train_size=512", "task.eval_size=128"] if task == "math" else []
-    cfg = make_cfg(*FAST, f"task={task}", *sizes)
+    cfg = make_cfg(*FAST_ANY_TASK, f"task={task}", *sizes)
     with caplog.at_level(logging.WARNING, logger="trgrpo"):
         train, held_out = task_data(make_task(cfg.task), cfg.task)
     assert len(train) == cfg.task.train_size and len(held_out) == cfg.task.eval_size

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, make_cfg
+from conftest import FAST, FAST_ANY_TASK, make_cfg
 
 from trgrpo.config.schema import ConfigError
 from trgrpo.models.load import load_policy
@@ -115,7 +115,9 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("task", ["logic", "tool_qa"])
 def test_other_tasks_train_end_to_end(task, tmp_path):
     """logic (single turn) and tool_qa (multi-turn through the agent loop) through the whole loop."""
-    cfg = make_cfg(*FAST, f"task={task}", "trainer.steps=1", "trainer.lr=1e-3", "rollout.max_new_tokens=24")
+    cfg = make_cfg(
+        *FAST_ANY_TASK, f"task={task}", "trainer.steps=1", "trainer.lr=1e-3", "rollout.max_new_tokens=24"
+    )
     run(cfg, tmp_path)
     rows = _read(tmp_path / "metrics.jsonl")
     assert rows[0]["step"] == 1 and math.isfinite(rows[0]["loss/policy"])
