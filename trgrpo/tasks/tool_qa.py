@@ -220,20 +220,15 @@ class ToolQATask:
         """
         meta = example.meta
         queries = meta.get("evidence") or [meta.get("question", "")]
+        expression, answer = meta.get("calc_expression"), example.answer
         if len(queries) > 1 and demo_slips(example, self.cfg.demo_slip):  # answers what it found first
-            first, bridge = queries[0], queries[1]
-            return [
-                (f"<search> {first}</search>", True),
-                (self.tools["search"](first, example), False),
-                (f"<answer> {bridge}</answer>", True),
-            ]
+            queries, expression, answer = queries[:1], None, queries[1]
         segments: list[tuple[str, bool]] = []
         for query in queries:
             segments.append((f"<search> {query}</search>", True))
             segments.append((self.tools["search"](query, example), False))
-        expression = meta.get("calc_expression")
         if expression and "calc" in self.tools:
             segments.append((f"<calc>{expression}</calc>", True))
             segments.append((self.tools["calc"](expression, example), False))
-        segments.append((f"<answer> {example.answer}</answer>", True))
+        segments.append((f"<answer> {answer}</answer>", True))
         return segments
