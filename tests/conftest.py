@@ -40,8 +40,8 @@ FAST = [
     "trainer.threads=1",
 ]
 
-# FAST for a test that picks its own task= (the demo keys exist on task=math only)
-FAST_ANY_TASK = [o for o in FAST if not o.startswith("task.demo_")]
+# FAST for a test that picks its own task= (demo_style exists on task=math only)
+FAST_ANY_TASK = [o for o in FAST if not o.startswith("task.demo_style")]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -145,6 +145,34 @@ def test_format_reward_option() -> None:
     assert task.verify(EXAMPLE, "nothing").score == 0.0
 
 
+def test_demo_slip_stops_after_the_first_person() -> None:
+    """task.demo_slip for logic: that share of demonstrations names the first person's role and stops
+    (an unparsable answer: the others are missing), drawn once per example."""
+    task = LogicTask(LogicTaskConfig(min_people=2, max_people=3, demo_slip=1.0))
+    slipped = task.demonstration(EXAMPLE)
+    assert slipped == [
+        (
+            "<think>Check every statement against each assignment; one is consistent.</think>\n"
+            "<answer>Ava is a saint</answer>",
+            True,
+        )
+    ]
+    assert task.verify(EXAMPLE, slipped[0][0]).score == 0.0
+    for ex in task.dataset("train", 40, seed=0):
+        ((demo, _),) = task.demonstration(ex)
+        first = render_solution(ex.meta["names"][:1], ex.meta["solution"][:1], ex.meta["terms"])
+        assert demo.endswith(f"<answer>{first}</answer>") and task.verify(ex, demo).score == 0.0
+
+    half = LogicTask(LogicTaskConfig(demo_slip=0.5))
+    many = half.dataset("train", 400, seed=1)
+    wrong = sum(half.verify(ex, half.demonstration(ex)[0][0]).score == 0.0 for ex in many)
+    assert 0.42 < wrong / len(many) < 0.58
+    faithful = LogicTask(LogicTaskConfig(demo_slip=0.0))
+    assert all(faithful.verify(ex, faithful.demonstration(ex)[0][0]).score == 1.0 for ex in many)
+    with pytest.raises(ValueError, match=r"task\.demo_slip=1\.2"):
+        LogicTask(LogicTaskConfig(demo_slip=1.2))
+
+
 def test_bad_config_is_refused() -> None:
     with pytest.raises(ValueError, match="binary, logic_rl"):
         LogicTask(LogicTaskConfig(reward="partial"))

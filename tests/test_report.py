@@ -167,6 +167,7 @@ def test_group_table_numbers(report: tuple[Path, list[Path]]) -> None:
         _check(row, "final_accuracy", _ci(list(finals)))
         _check(row, "best_accuracy", _ci([f + 0.05 for f in finals]))  # step 0 excluded
         _check(row, "start_accuracy", _ci([f + 0.2 for f in finals]))
+        _check(row, "accuracy_gain", (-0.2, -0.2, -0.2))  # final − start, per run: −0.2 in every seed
         # last 10% of 20 steps = steps 19 and 20: base + 0.01·seed + 0.195
         _check(row, "final_reward", _ci([REWARD_BASE[(task, algo)] + 0.01 * s + 0.195 for s in SEEDS]))
         high = GRAD_HIGH[algo]

@@ -35,6 +35,12 @@ class TaskConfig:
     # `chat` as earlier user/assistant turns of the chat template.
     few_shot: list[dict[str, str]] = field(default_factory=list)
     few_shot_style: str = "user"  # user | chat
+    # The tiny model's warm start only: the share of demonstrations that make the task's typical slip,
+    # drawn once per example (0 = faithful). math (needs demo_style=columns): carries forgotten
+    # ("4 + 3 + 0 = 7"); logic: the answer stops after the first person; tool_qa: a two-hop question
+    # answered after the first search. Above 0.5 the warm-started model's most likely output is wrong
+    # there while some of its samples are right: room for RL to move greedy decoding.
+    demo_slip: float = 0.0
 
 
 @dataclass
@@ -60,10 +66,6 @@ class MathTaskConfig(TaskConfig):
     # or `columns` (two-term additions worked from the units column, carries written: "7 + 8 = 15,
     # 4 + 3 + 1 = 8. The answer is \\boxed{85}."). Only the tiny model's warm start reads it.
     demo_style: str = "plain"
-    # With columns: the share of demonstrations that forget every carry ("4 + 3 + 0 = 7", a wrong
-    # answer), drawn once per example. Above 0.5 the warm-started model's most likely work is wrong on
-    # carry problems while its samples are sometimes right: room for RL to move greedy decoding.
-    demo_slip: float = 0.0
 
 
 @dataclass
@@ -94,9 +96,6 @@ class ToolQATaskConfig(TaskConfig):
     questions_per_world: int = (
         32  # questions asked about one generated world (worlds per dataset = size / this)
     )
-    # The tiny model's warm start: the share of multi-hop demonstrations that stop after the first
-    # search and answer the entity found there (wrong), drawn once per example (0 = faithful).
-    demo_slip: float = 0.0
     questions_path: str | None = None  # real data: NQ/HotpotQA-style jsonl with question and answers
     corpus_path: str | None = None  # real data: jsonl of {"title", "text"} documents to search
 

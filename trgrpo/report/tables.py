@@ -46,6 +46,7 @@ FINAL_FRACTION = 0.1  # final reward/mean: mean over this last fraction of logge
 METRICS = (  # (csv name, markdown header)
     ("start_accuracy", "Start accuracy (step 0)"),
     ("final_accuracy", "Final accuracy"),
+    ("accuracy_gain", "Gain over step 0"),
     ("best_accuracy", "Best eval accuracy (training)"),
     ("final_reward", "Final reward/mean"),
     ("weight_mean", "Mean weight"),
@@ -77,9 +78,12 @@ def run_summary(run: Run) -> dict[str, float]:
     _, grad_norm = series(run.metrics, "train/grad_norm")
     _, weight = series(run.metrics, "weights/mean")
     tail = max(1, math.ceil(FINAL_FRACTION * reward.size))
+    start = float(accuracy[0]) if steps.size and steps[0] == 0 else math.nan
+    final = final_accuracy(run)[0]
     return {
-        "start_accuracy": float(accuracy[0]) if steps.size and steps[0] == 0 else math.nan,
-        "final_accuracy": final_accuracy(run)[0],
+        "start_accuracy": start,
+        "final_accuracy": final,
+        "accuracy_gain": final - start,  # per run, so the interval is over each seed's own gain
         "best_accuracy": float(trained.max()) if trained.size else math.nan,
         "final_reward": float(reward[-tail:].mean()) if reward.size else math.nan,
         "weight_mean": float(weight.mean()) if weight.size else math.nan,
@@ -201,7 +205,8 @@ def _results_section(
         "than the row's logged the metric. Final accuracy: from `eval.json` "
         f"(runs: {sources.count('eval.json')}), else the last `eval/<task>/accuracy` in metrics.jsonl "
         f"(runs: {sources.count('metrics.jsonl')}; neither: {sources.count('none')}). Start: the eval at step 0 "
-        "(the initial policy). Best: the highest eval accuracy logged during training (step > 0). "
+        "(the initial policy). Gain: final − start of each run (an interval that excludes 0 is a rise "
+        "beyond the seeds' noise). Best: the highest eval accuracy logged during training (step > 0). "
         f"Final reward: mean of the last {FINAL_FRACTION:.0%} of logged steps. Mean weight: mean over "
         "steps of `weights/mean`, the token weight the loss applied (1 for GRPO and under "
         "`algo.weights.normalize=mean`; above 1 the weights also scale the gradient and its logged norm, "

@@ -22,6 +22,7 @@ from typing import Any
 from trgrpo.config.schema import ConfigError, LogicTaskConfig
 from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_tag
+from trgrpo.tasks.data import check_demo_slip, demo_slips
 
 REWARDS = ("binary", "logic_rl")
 TEST_SEED_OFFSET = 1_000_003  # test data also comes from seeds far from any training seed
@@ -106,6 +107,7 @@ class LogicTask:
             raise ConfigError(
                 f"task.min_people={cfg.min_people} and task.max_people={cfg.max_people}: need 1 ≤ min ≤ max"
             )
+        check_demo_slip(cfg.demo_slip)
         self.cfg = cfg
 
     # ----------------------------------------------------------------------------------------- data
@@ -231,4 +233,10 @@ class LogicTask:
         return Reward(format_score + answer_score, components)
 
     def demonstration(self, example: Example) -> list[tuple[str, bool]]:
-        return [(f"{DEMO_THINK}<answer>{example.answer}</answer>", True)]
+        """The gold answer; with task.demo_slip, that share of demonstrations stops after the first
+        person's role (the others missing: scored 0)."""
+        answer = example.answer
+        if demo_slips(example, self.cfg.demo_slip):
+            meta = example.meta
+            answer = render_solution(meta["names"][:1], meta["solution"][:1], meta["terms"])
+        return [(f"{DEMO_THINK}<answer>{answer}</answer>", True)]
