@@ -171,14 +171,17 @@ def test_two_ranks_make_the_one_process_update_and_a_checkpoint_one_process_load
 
     # Two AdamW steps: Adam divides each entry by its own gradient scale, so an entry whose gradient is
     # near zero turns a reduction-order difference of ~1e-7 relative into a visible fraction of lr
-    # (measured: up to 1.5e-3 × lr). Every entry moves at most ~lr per step, so 1e-2 × lr still catches
-    # a parameter that missed a micro-batch, a shard or a step (the SGD check above catches scaling).
+    # (measured: up to 1.5e-3 × lr; with other samples one entry of 4,096 at 2e-2 × lr). Every entry
+    # moves by up to ~lr per step, and a parameter that missed a micro-batch, a shard or a step is off
+    # by that much in most entries: allowed are ≤ 0.1% of a parameter's entries beyond 1e-2 × lr, none
+    # beyond 0.1 × lr (the SGD check above catches scaling).
     trained = result["params"]
     moved = max(float((p - q).detach().abs().max()) for p, q in zip(one.parameters(), model.parameters()))
     lr = cfg.trainer.lr
     assert moved > lr  # two Adam steps at lr 1e-3: entries moved by up to ~2 lr
     for name, p in one.named_parameters():
-        assert torch.allclose(trained[name], p, atol=1e-2 * lr, rtol=0), name
+        off = (trained[name] - p).abs() / lr
+        assert float(off.max()) < 0.1 and int((off > 1e-2).sum()) <= max(1, off.numel() // 1000), name
 
     step = tmp_path / "checkpoints" / "step_1"
     assert (step / checkpoint.SHARDED_DIR).is_dir() and checkpoint.list_checkpoints(step.parent) == [step]

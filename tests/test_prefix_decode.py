@@ -123,6 +123,19 @@ def test_top_p_draws_from_the_nucleus_only():
     assert abs(counts[3] - 0.05) < 0.01
 
 
+def test_draw_follows_the_distribution_and_never_draws_zero_mass():
+    """Probabilities 0, 0.5, 0, 0.3, 0.2, 0 (zeros first, inside and last): about half the draws are
+    id 1, 0.3 id 3, 0.2 id 4, and never an id without mass; a one-hot row always draws its id."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logprobs = probs.log().expand(40000, 6)
+    torch.manual_seed(0)
+    counts = torch.bincount(prefix_decode._draw(logprobs, 1.0), minlength=6) / 40000
+    assert counts[0] == counts[2] == counts[5] == 0
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+    one_hot = torch.tensor([0.0, 0.0, 0.0, 1.0]).log().expand(1000, 4)
+    assert (prefix_decode._draw(one_hot, 1.0) == 3).all()
+
+
 def test_stop_strings_end_rows_like_generate(tiny):
     model, tokenizer, _ = tiny
     prompts = _prompts(tokenizer)

@@ -1,8 +1,8 @@
 """Per-token log-probs and entropy of the response tokens, without a [B, T, V] float32 tensor.
 
 The model's body gives hidden states; the lm_head, log-softmax and gather run over chunks of
-`chunk` response tokens. Under autograd each chunk is checkpointed, so its logits are recomputed in
-the backward pass instead of kept: peak memory is one chunk of logits, whatever the vocabulary.
+`chunk` response tokens, each in one autograd function (`_HeadLogprobs`) whose backward recomputes
+its logits instead of keeping them: peak memory is one chunk of logits, whatever the vocabulary.
 log p is the log-softmax of logits / temperature over the full vocabulary (ALGORITHMS.md).
 
 With precision "bf16" the model body runs under autocast (bfloat16 matmuls, float32 weights and
@@ -16,24 +16,57 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from trgrpo.learner.batch import MicroBatch
 from trgrpo.models.body import decoder, dynamic_cache, with_cache
 
 
-def _chunk_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float
-) -> Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _HeadLogprobs(torch.autograd.Function):
+    """log p(target) of one chunk of tokens through the lm_head, and (if asked) the entropy, from
+    one head matmul; the backward recomputes the chunk's logits instead of keeping them.
+
+    What `torch.utils.checkpoint` around a log-softmax would do, with less work: the forward keeps
+    only the log-normaliser (one float per token) and computes the entropy from the same logits (a
+    separate pass cost another head matmul); the backward forms d log p / d logits = onehot − softmax
+    in place in the recomputed logits' buffer, then the two matmuls. At T = 1 no division is made.
+    Peak memory: one [chunk, V] float32 buffer (two with the entropy), whatever the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+        logits = _logits(hidden, weight, bias, temperature)
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:
+            logp = logits.sub_(lse[:, None])  # the logits' buffer, now log-softmax
+            entropy = -torch.linalg.vecdot(logp.exp(), logp)  # -Σ p log p, no [chunk, V] product kept
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        if entropy is None:
+            return logprobs, None
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad = _logits(hidden, weight, bias, ctx.temperature)
+        grad.sub_(lse[:, None]).exp_().mul_(-grad_logprobs[:, None])  # −g · softmax
+        grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + g at the target
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        grad = grad.to(weight.dtype)
+        need = ctx.needs_input_grad
+        grad_hidden = grad @ weight if need[0] else None
+        grad_weight = grad.T @ hidden if need[1] else None
+        grad_bias = grad.sum(0) if bias is not None and need[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-@torch.no_grad()
-def _chunk_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """[M, V] float32 logits / temperature, in a buffer the caller may overwrite."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def token_logprobs(
@@ -48,19 +81,12 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """hidden [M, H], targets [M] → (logprobs [M], entropy [M] or None), chunked over M."""
     pieces, entropies = [], []
-    grad = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start : start + chunk], targets[start : start + chunk]
-        if grad:
-            pieces.append(checkpoint(_chunk_logprobs, h, weight, bias, y, temperature, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(h, weight, bias, y, temperature))
+        logprobs, entropy = _HeadLogprobs.apply(h, weight, bias, y, float(temperature), with_entropy)
+        pieces.append(logprobs)
         if with_entropy:
-            entropies.append(
-                _chunk_entropy(
-                    h.detach(), weight.detach(), None if bias is None else bias.detach(), temperature
-                )
-            )
+            entropies.append(entropy)
     empty = hidden.new_zeros(0, dtype=torch.float32)
     logprobs = torch.cat(pieces) if pieces else empty
     entropy = (torch.cat(entropies) if entropies else empty) if with_entropy else None
