@@ -180,7 +180,7 @@ def test_two_ranks_make_the_one_process_update_and_a_checkpoint_one_process_load
     lr = cfg.trainer.lr
     assert moved > lr  # two Adam steps at lr 1e-3: entries moved by up to ~2 lr
     for name, p in one.named_parameters():
-        off = (trained[name] - p).abs() / lr
+        off = (trained[name] - p).detach().abs() / lr
         assert float(off.max()) < 0.1 and int((off > 1e-2).sum()) <= max(1, off.numel() // 1000), name
 
     step = tmp_path / "checkpoints" / "step_1"
