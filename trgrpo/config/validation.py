@@ -242,6 +242,10 @@ def problems(cfg: Config) -> list[str]:
             task.overlong_penalty >= 0,
             f"task.overlong_penalty={task.overlong_penalty} must be ≥ 0 (it is subtracted; 0 = off)",
         ),
+        (
+            0.0 <= task.demo_slip <= 1.0,
+            f"task.demo_slip={task.demo_slip} must lie in [0, 1] (a share of the tiny model's demonstrations)",
+        ),
         (e.size >= 1, f"eval.size={e.size} must be ≥ 1 (test prompts)"),
         (e.n >= 1, f"eval.n={e.n} must be ≥ 1 (samples per prompt)"),
         (len(e.ks) >= 1, "eval.ks must list at least one k, e.g. eval.ks=[1]"),
@@ -265,6 +269,17 @@ def problems(cfg: Config) -> list[str]:
                 f"task.answer_format={task.answer_format!r} is not valid; choose one of: raw, gsm8k, boxed",
             ),
             (all(g.weight > 0 for g in task.generators), "every task.generators[i].weight must be > 0"),
+        ]
+        checks += [
+            (
+                task.demo_style in ("columns", "plain"),
+                f"task.demo_style={task.demo_style!r} is not valid; choose one of: columns, plain",
+            ),
+            (
+                task.demo_slip == 0 or task.demo_style != "plain",
+                f"task.demo_slip={task.demo_slip} forgets carries in worked columns: set "
+                "task.demo_style=columns or task.demo_slip=0",
+            ),
         ]
     if isinstance(task, LogicTaskConfig):
         checks += [
