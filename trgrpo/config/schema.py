@@ -50,6 +50,9 @@ class GeneratorConfig:
     params: dict[str, Any] = field(default_factory=dict)  # passed to reasoning_gym.create_dataset
 
 
+DEMO_STYLES = ("plain", "columns")  # task.demo_style values (math's tiny-model warm start)
+
+
 @dataclass
 class MathTaskConfig(TaskConfig):
     name: str = "math"

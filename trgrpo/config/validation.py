@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from trgrpo.config.schema import (
+    DEMO_STYLES,
     TASK_CONFIGS,
     Config,
     ConfigError,
@@ -272,8 +273,8 @@ def problems(cfg: Config) -> list[str]:
         ]
         checks += [
             (
-                task.demo_style in ("columns", "plain"),
-                f"task.demo_style={task.demo_style!r} is not valid; choose one of: columns, plain",
+                task.demo_style in DEMO_STYLES,
+                f"task.demo_style={task.demo_style!r} is not valid; choose one of: {', '.join(sorted(DEMO_STYLES))}",
             ),
             (
                 task.demo_slip == 0 or task.demo_style != "plain",

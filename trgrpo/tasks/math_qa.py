@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Sequence
 
-from trgrpo.config.schema import ConfigError, MathTaskConfig
+from trgrpo.config.schema import DEMO_STYLES, ConfigError, MathTaskConfig
 from trgrpo.run.records import Example, Reward
 from trgrpo.tasks.answer import last_boxed
 from trgrpo.tasks.data import check_demo_slip, demo_slips, load_records
@@ -22,7 +22,6 @@ TEST_SEED_OFFSET = 1_000_003
 WARMSTART_EXAMPLES = 16384  # = trgrpo.models.tiny.WARMSTART_EXAMPLES (not imported: models pulls in torch)  # test data comes from seeds disjoint from any training seed
 _INT = re.compile(r"^[+-]?\d+$")
 _SUM = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
-DEMO_STYLES = ("plain", "columns")
 
 
 def column_work(expression: str, *, forget_carries: bool = False) -> tuple[str, str] | None:
