@@ -175,7 +175,7 @@ def has_carry(example):
 @pytest.mark.parametrize(
     ("style", "slip", "message"),
     [
-        ("columns", 1.5, r"task\.demo_slip=1\.5.*between 0 and 1"),
+        ("columns", 1.5, r"task\.demo_slip=1\.5 must lie in \[0, 1\]"),
         ("plain", 0.5, r"task\.demo_slip.*demo_style=columns"),
     ],
 )

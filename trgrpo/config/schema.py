@@ -53,6 +53,14 @@ class GeneratorConfig:
 DEMO_STYLES = ("plain", "columns")  # task.demo_style values (math's tiny-model warm start)
 
 
+def demo_slip_problem(share: float) -> str | None:
+    """What is wrong with a task.demo_slip value, or None: the one check behind `trgrpo plan`'s list
+    and the error of a task built directly."""
+    if 0.0 <= share <= 1.0:
+        return None
+    return f"task.demo_slip={share} must lie in [0, 1] (a share of the tiny model's demonstrations)"
+
+
 @dataclass
 class MathTaskConfig(TaskConfig):
     name: str = "math"

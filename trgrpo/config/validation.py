@@ -16,6 +16,7 @@ from trgrpo.config.schema import (
     MathTaskConfig,
     ToolQATaskConfig,
     TrainerConfig,
+    demo_slip_problem,
 )
 from trgrpo.models import files as model_files
 
@@ -243,10 +244,7 @@ def problems(cfg: Config) -> list[str]:
             task.overlong_penalty >= 0,
             f"task.overlong_penalty={task.overlong_penalty} must be ≥ 0 (it is subtracted; 0 = off)",
         ),
-        (
-            0.0 <= task.demo_slip <= 1.0,
-            f"task.demo_slip={task.demo_slip} must lie in [0, 1] (a share of the tiny model's demonstrations)",
-        ),
+        (demo_slip_problem(task.demo_slip) is None, demo_slip_problem(task.demo_slip)),
         (e.size >= 1, f"eval.size={e.size} must be ≥ 1 (test prompts)"),
         (e.n >= 1, f"eval.n={e.n} must be ≥ 1 (samples per prompt)"),
         (len(e.ks) >= 1, "eval.ks must list at least one k, e.g. eval.ks=[1]"),

@@ -6,7 +6,7 @@ import logging
 import random
 from pathlib import Path
 
-from trgrpo.config.schema import ConfigError
+from trgrpo.config.schema import ConfigError, demo_slip_problem
 
 log = logging.getLogger("trgrpo")
 
@@ -86,8 +86,9 @@ def task_data(task, tc) -> tuple[list, list]:
 
 
 def check_demo_slip(share: float) -> None:
-    if not 0.0 <= share <= 1.0:
-        raise ConfigError(f"task.demo_slip={share}: a share of demonstrations, between 0 and 1")
+    problem = demo_slip_problem(share)
+    if problem:
+        raise ConfigError(problem)
 
 
 def demo_slips(example, share: float) -> bool:
