@@ -12,14 +12,9 @@ import torch
 from conftest import FAST, make_cfg
 
 from trgrpo.config.validation import problems
+from trgrpo.learner.attention import ATTENTION_NAME, use_cpu_attention
 from trgrpo.learner.batch import collate
-from trgrpo.learner.logprobs import (
-    FLOAT32_SDPA,
-    Scorer,
-    float32_attention,
-    response_logprobs,
-    token_logprobs,
-)
+from trgrpo.learner.logprobs import Scorer, response_logprobs, token_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.run.records import Example, Reward, Rollout, Sampling
@@ -47,33 +42,62 @@ def _grads(model, mb, weights, **kwargs):
 
 
 def test_bf16_autocast_logprobs_are_close_to_fp32(tiny):
-    """Tolerance: |Δ log p| ≤ 0.05 per token and ≤ 0.005 on average (bf16 keeps 8 mantissa bits; the
-    head and log-softmax stay float32; measured: 0.025 and 0.0015). The gradient keeps its direction
-    (cosine ≥ 0.999; measured 0.99998)."""
+    """Tolerance: |Δ log p| ≤ 0.1 per token and ≤ 0.005 on average (bf16 keeps 8 mantissa bits, in the
+    matmuls and in attention; the head and log-softmax stay float32; measured: 0.054 and 0.0019, with
+    float32 attention 0.025 and 0.0015). The gradient keeps its direction (cosine ≥ 0.999)."""
     model, tokenizer, _ = tiny
     model = copy.deepcopy(model).train()
     mb = _batch(model, tokenizer)
     m = mb.response_mask
     weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(0))
     fp32, g32 = _grads(model, mb, weights)
-    float32_attention(model)
+    use_cpu_attention(model)
     bf16, g16 = _grads(model, mb, weights, precision="bf16")
     diff = (fp32 - bf16).abs()[m]
     assert diff.max() > 0, "autocast had no effect: the bf16 path ran in float32"
-    assert diff.max() < 0.05 and diff.mean() < 0.005, (float(diff.max()), float(diff.mean()))
+    assert diff.max() < 0.1 and diff.mean() < 0.005, (float(diff.max()), float(diff.mean()))
     assert bf16.dtype == torch.float32
     flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
     assert torch.isfinite(flat16).all()
     assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.999
 
 
-def test_float32_attention_equals_sdpa_without_autocast(tiny):
+def test_bf16_learner_sees_the_bf16_samplers_attention(tiny):
+    """The point of the learner's bf16 attention (learner/attention.py): the sampler decodes with bf16
+    attention, so the learner under bf16 reproduces its log-probs more closely than a float32 learner
+    does. Mean |learner − sampler| over response tokens: measured 0.0018 (bf16) against 0.0029
+    (fp32), 0.61x; asserted: below 0.75x. (With the float32 attention the learner had before, bf16
+    was 0.84x of fp32 on the make-train model, against 0.45x now.)"""
+    model, tokenizer, _ = tiny
+    model = copy.deepcopy(model).eval()
+    texts = [f"What is {i} + {3 * i}?" + " Think." * i for i in range(4)]
+    ids = [encode_prompt(tokenizer, t) for t in texts]
+    engine = HFEngine(model, tokenizer, precision="bf16")
+    comps = engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=16, n=8, seed=3))
+    rollouts = [
+        Rollout(Example(str(k), texts[k // 8], "0"), tuple(ids[k // 8]), c, Reward(0.0))
+        for k, c in enumerate(comps)
+    ]
+    mb = collate(rollouts, torch.zeros(len(rollouts)), list(range(len(rollouts))), tokenizer.pad_token_id)
+    m = mb.response_mask
+    with torch.no_grad():
+        fp32, _ = response_logprobs(model, mb, temperature=1.0, chunk=64, share_prompts=True)
+        assert use_cpu_attention(model)
+        bf16, _ = response_logprobs(
+            model, mb, temperature=1.0, chunk=64, precision="bf16", share_prompts=True
+        )
+    off_fp32 = (fp32 - mb.sampler_logprobs).abs()[m].mean()
+    off_bf16 = (bf16 - mb.sampler_logprobs).abs()[m].mean()
+    assert off_bf16 < 0.75 * off_fp32, (float(off_bf16), float(off_fp32))
+
+
+def test_cpu_attention_equals_sdpa_without_autocast(tiny):
     model, tokenizer, _ = tiny
     model = copy.deepcopy(model).eval()
     mb = _batch(model, tokenizer, seed=1)
     with torch.no_grad():
         before, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
-        assert float32_attention(model) and model.config._attn_implementation == FLOAT32_SDPA
+        assert use_cpu_attention(model) and model.config._attn_implementation == ATTENTION_NAME
         after, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
     assert torch.equal(before, after)
 

@@ -27,8 +27,9 @@ from trgrpo.algo.tis import tis_weights
 from trgrpo.algo.token_weights import mean_scale, token_weights, weight_stats
 from trgrpo.config.schema import AlgoConfig, TrainerConfig
 from trgrpo.learner import fsdp
+from trgrpo.learner.attention import use_cpu_attention
 from trgrpo.learner.batch import MicroBatch, idle, make_microbatches, to_device
-from trgrpo.learner.logprobs import Scorer, float32_attention, uses_varlen_attention
+from trgrpo.learner.logprobs import Scorer, uses_varlen_attention
 from trgrpo.run import distributed
 from trgrpo.run.records import Rollout
 
@@ -60,7 +61,7 @@ class Learner:
         if trainer.precision == "bf16" and self.device.type == "cpu":
             for m in (model, ref_model):  # the same attention numerics for policy and reference
                 if m is not None:
-                    float32_attention(m)
+                    use_cpu_attention(m)
         self.scorer = Scorer(model, compile=trainer.compile)
         self.ref_scorer = None if ref_model is None else Scorer(ref_model, compile=trainer.compile)
         self.sharded = shard

@@ -8,8 +8,9 @@ log p is the log-softmax of logits / temperature over the full vocabulary (ALGOR
 With precision "bf16" the model body runs under autocast (bfloat16 matmuls, float32 weights and
 residual stream); the lm_head and log-softmax stay in float32, so only the hidden states carry bf16
 rounding. Autocast state is recorded by checkpointing, so recomputation in backward matches forward.
-On CPU, attention is kept in float32 (`float32_attention`): bf16 SDPA's backward is ~2.4x slower
-than float32's there, while bf16 matmuls are ~4x faster (docs/BENCHMARKS.md).
+On CPU the learner's attention under bf16 is `attention.block_attention` (bf16 matmuls, float32
+softmax, in blocks of rows; `use_cpu_attention`): torch's SDPA kernels are slow there in either
+precision for these shapes (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -91,41 +92,6 @@ def token_logprobs(
     logprobs = torch.cat(pieces) if pieces else empty
     entropy = (torch.cat(entropies) if entropies else empty) if with_entropy else None
     return logprobs, entropy
-
-
-FLOAT32_SDPA = "trgrpo_sdpa_float32"
-
-
-def _sdpa_float32(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    with torch.autocast(query.device.type, enabled=False):
-        return sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-
-
-def float32_attention(model) -> bool:
-    """Make an SDPA model compute attention in float32, even under autocast. Returns whether it did.
-
-    Registers a transformers attention function (SDPA with autocast off); without autocast it computes
-    exactly what "sdpa" does. A model using another implementation, or a transformers without the
-    attention registries, is left alone. The choice is not saved with the model's config.
-    """
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:
-        return False
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return model.config._attn_implementation == FLOAT32_SDPA
-    AttentionInterface.register(FLOAT32_SDPA, _sdpa_float32)
-    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(FLOAT32_SDPA)
-    else:
-        model.config._attn_implementation = FLOAT32_SDPA
-    return True
 
 
 def response_logprobs(
