@@ -306,7 +306,7 @@ def test_sweep_cpu_is_the_documented_grid():
         (["logger.mode=cloud"], "logger.mode='cloud' is not valid"),
         (["task=logic", "task.demo_slip=1.5"], "task.demo_slip=1.5 must lie in [0, 1]"),
         (["task.demo_style=rows"], "task.demo_style='rows' is not valid; choose one of: columns, plain"),
-        (["task.demo_style=plain"], "task.demo_slip=0.7 forgets carries in worked columns"),
+        (["task.demo_style=plain"], "task.demo_slip=0.8 forgets carries in worked columns"),
         (["model.tiny.heads=3"], "model.tiny.hidden_size=128 must be a multiple of model.tiny.heads=3"),
         (["model.max_context=48"], "rollout.max_new_tokens=48 leaves no room for a prompt"),
     ],
