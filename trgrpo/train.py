@@ -35,7 +35,7 @@ from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.run import checkpoint, distributed, host
 from trgrpo.run.interrupts import InterruptGuard
-from trgrpo.run.metrics import MetricsLogger, truncate_logs, write_status
+from trgrpo.run.metrics import MetricsLogger, run_summary, truncate_logs, write_status
 from trgrpo.run.records import Rollout, Sampling
 from trgrpo.run.sampler import PromptSampler
 from trgrpo.tasks import make_task
@@ -347,6 +347,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                     if last or (t.save_every and step % t.save_every == 0):
                         save(step)
         status(status="finished", last_step=t.steps)
+        if main:
+            _log_summary(run_dir, cfg.task.name)
     except KeyboardInterrupt:
         if guard.torn:
             log.warning("stopped inside step %d's update: no checkpoint written for it", completed + 1)
@@ -371,6 +373,21 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
         ctx["engine"].close()
         distributed.destroy()
     return metrics
+
+
+def _log_summary(run_dir: Path, task: str) -> None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    summary = run_summary(rows, task)
+    if summary:
+        log.info("finished: %s", summary)
 
 
 def _sample_row(ro: Rollout) -> dict:

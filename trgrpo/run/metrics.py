@@ -75,6 +75,30 @@ def reward_without_correctness(rewards: list[float], correct: list[float]) -> st
     )
 
 
+def run_summary(rows: list[Mapping[str, Any]], task: str) -> str | None:
+    """The line a finished run ends with, from its metrics.jsonl rows (a resumed run's whole history):
+    held-out accuracy at its first and last evaluation, and the training reward of the first and the
+    last fifth of the steps (the step-0 baseline and the rise are what tell learning from noise)."""
+    key = f"eval/{task}/accuracy"
+    evals = sorted((row["step"], row[key]) for row in rows if row.get(key) is not None)
+    rewards = [
+        row["reward/mean"]
+        for row in sorted(rows, key=lambda r: r["step"])
+        if row.get("reward/mean") is not None
+    ]
+    parts = []
+    if len(evals) == 1:
+        parts.append(f"held-out {key} {evals[0][1]:.3f} (step {evals[0][0]})")
+    elif evals:
+        (s0, a0), (s1, a1) = evals[0], evals[-1]
+        parts.append(f"held-out {key} {a0:.3f} (step {s0}) → {a1:.3f} (step {s1}): {a1 - a0:+.3f}")
+    if len(rewards) >= 2:
+        n, k = len(rewards), max(1, len(rewards) // 5)
+        r0, r1 = sum(rewards[:k]) / k, sum(rewards[n - k :]) / k
+        parts.append(f"reward/mean {r0:.3f} → {r1:.3f} (first → last fifth of {n} steps): {r1 - r0:+.3f}")
+    return "; ".join(parts) or None
+
+
 class MetricsLogger:
     def __init__(
         self,
