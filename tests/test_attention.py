@@ -98,3 +98,23 @@ def test_block_rows_keeps_a_block_of_scores_under_the_budget():
     rows = attention.block_rows(per_row)
     assert rows >= 1 and rows * per_row <= attention.BLOCK_SCORES
     assert attention.block_rows(attention.BLOCK_SCORES * 3) == 1  # a row larger than the budget: one
+
+
+def test_the_kept_probabilities_are_capped_over_the_models_layers(monkeypatch):
+    """Under CPU bf16 autocast a call runs block attention (bf16 output) while its probabilities times
+    the layer count fit MAX_KEPT, and float32 SDPA (float32 output) beyond; the values agree."""
+    from types import SimpleNamespace
+
+    q, k, v, mask = _inputs(seed=4, heads=2, kv=2)
+    entries = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    monkeypatch.setattr(attention, "MAX_KEPT", entries * 4)
+
+    def call(layers):
+        module = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers), is_causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention._forward(module, q, k, v, mask, scaling=0.3)
+        return out
+
+    block, sdpa = call(4), call(5)
+    assert block.dtype == torch.bfloat16 and sdpa.dtype == torch.float32
+    assert torch.allclose(block.float(), sdpa, atol=0.03)

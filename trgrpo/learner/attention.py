@@ -6,8 +6,9 @@ learner used before) computes at a few GFLOP/s on short sequences with small hea
 is plain matmuls in bfloat16 (float32 accumulation inside each matmul) and a float32 softmax, over
 blocks of rows whose float32 scores stay under `BLOCK_SCORES` entries (16 MB: glibc serves buffers
 over 32 MB by a fresh mmap each time, whose page faults made one unblocked pass slower than SDPA).
-The bf16 probabilities are kept for the backward (2 bytes per attention entry; a call that would
-keep more than `MAX_KEPT` uses SDPA in float32 instead), whose softmax step is one fused kernel.
+The bf16 probabilities are kept for the backward (2 bytes per attention entry), whose softmax step
+is one fused kernel; a call whose probabilities, times the model's layer count, would exceed
+`MAX_KEPT` (2 GB over a forward) uses SDPA in float32 instead.
 
 Measured, forward + backward against float32 SDPA (docs/BENCHMARKS.md): 0.44x (one thread) and 0.37x
 (two) on the ~10M bench model's shapes, 0.31x and 0.26x on SmolLM2-135M's.
@@ -23,8 +24,9 @@ import torch
 from torch import Tensor
 
 BLOCK_SCORES = 1 << 22  # float32 scores per block: 16 MB, half of glibc's largest heap-served buffer
-# bf16 probabilities kept for backward per call (one layer): 128 MB; longer sequences use SDPA
-MAX_KEPT = 1 << 26
+# bf16 probabilities kept for backward over all layers of one forward: 2 GB (SmolLM2-135M's 8 × 8 × 128
+# keeps ~1 GB); a call above its share (this ÷ the layer count) uses SDPA in float32
+MAX_KEPT = 1 << 30
 COMPUTE = torch.bfloat16
 
 
@@ -118,8 +120,8 @@ def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     )
     bool_mask = attention_mask is None or attention_mask.dtype == torch.bool
     autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    kept = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
-    fits = kept <= MAX_KEPT
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", None) or 1
+    fits = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] * layers <= MAX_KEPT
     if (
         not autocast
         or torch.get_autocast_dtype("cpu") != COMPUTE
