@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import random
 import subprocess
@@ -35,7 +34,7 @@ from trgrpo.rollout import make_engine
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.run import checkpoint, distributed, host
 from trgrpo.run.interrupts import InterruptGuard
-from trgrpo.run.metrics import MetricsLogger, run_summary, truncate_logs, write_status
+from trgrpo.run.metrics import MetricsLogger, truncate_logs, write_status
 from trgrpo.run.records import Rollout, Sampling
 from trgrpo.run.sampler import PromptSampler
 from trgrpo.tasks import make_task
@@ -341,14 +340,13 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
                     logger.log(step, metrics)
                     logger.samples(step, [_sample_row(ro) for ro in batch[: t.samples_per_step]])
                     if last and main:
-                        _write_eval(run_dir, cfg, step, metrics)
+                        logger.write_eval(step, metrics, cfg.task.name)
                     status(last_step=step)
                     completed, rollback = step, None
                     if last or (t.save_every and step % t.save_every == 0):
                         save(step)
         status(status="finished", last_step=t.steps)
-        if main:
-            _log_summary(run_dir, cfg.task.name)
+        logger.log_summary(cfg.task.name)  # main rank only: the others' logger is disabled
     except KeyboardInterrupt:
         if guard.torn:
             log.warning("stopped inside step %d's update: no checkpoint written for it", completed + 1)
@@ -375,21 +373,6 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _log_summary(run_dir: Path, task: str) -> None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    summary = run_summary(rows, task)
-    if summary:
-        log.info("finished: %s", summary)
-
-
 def _sample_row(ro: Rollout) -> dict:
     return {
         "id": ro.example.id,
@@ -399,11 +382,3 @@ def _sample_row(ro: Rollout) -> dict:
         "reward": ro.reward.score,
         "finish": ro.completion.finish_reason,
     }
-
-
-def _write_eval(run_dir: Path, cfg: Config, step: int, metrics: dict[str, float]) -> None:
-    prefix = f"eval/{cfg.task.name}/"
-    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-    (run_dir / "eval.json").write_text(
-        json.dumps({"task": cfg.task.name, "step": step, "metrics": found}, indent=2)
-    )

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from trgrpo.run.metrics import read_metrics
+
 BASELINE = "grpo"  # every other algorithm is compared with this one; listed first
 # Config keys that never split groups: the seed, where outputs go, how metrics are logged, how many
 # CPU threads did the arithmetic (the same experiment, summed in a different order).
@@ -108,31 +110,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     return _flatten(tree)
 
 
-def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    records: list[dict[str, Any]] = []
-    bad: list[int] = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-        else:
-            bad.append(number)
-    problems = []
-    if bad:
-        problems.append(
-            f"metrics.jsonl: {len(bad)} unreadable line(s) (first: line {bad[0]}; truncated write?)"
-        )
-    if not records:
-        problems.append("metrics.jsonl has no readable records")
-    return records, problems
-
-
 def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -186,7 +163,7 @@ def load_run(path: Path) -> Run:
         problems.append("metrics.jsonl missing")
     else:
         try:
-            metrics, metric_problems = _read_metrics(path / "metrics.jsonl")
+            metrics, metric_problems = read_metrics(path / "metrics.jsonl")
             problems.extend(metric_problems)
         except OSError as err:
             problems.append(f"metrics.jsonl unreadable ({err.__class__.__name__})")

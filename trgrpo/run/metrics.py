@@ -75,6 +75,33 @@ def reward_without_correctness(rewards: list[float], correct: list[float]) -> st
     )
 
 
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """metrics.jsonl's readable records (dicts with a step), in file order, and a problem line for
+    unreadable ones (a torn last write)."""
+    records: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(number)
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        else:
+            bad.append(number)
+    problems = []
+    if bad:
+        problems.append(
+            f"metrics.jsonl: {len(bad)} unreadable line(s) (first: line {bad[0]}; truncated write?)"
+        )
+    if not records:
+        problems.append("metrics.jsonl has no readable records")
+    return records, problems
+
+
 def run_summary(rows: list[Mapping[str, Any]], task: str) -> str | None:
     """The line a finished run ends with, from its metrics.jsonl rows (a resumed run's whole history):
     held-out accuracy at its first and last evaluation, and the training reward of the first and the
@@ -177,6 +204,23 @@ class MetricsLogger:
             for row in rows:
                 self.samples_file.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
             self.samples_file.flush()
+
+    def write_eval(self, step: int, metrics: Mapping[str, float], task: str) -> None:
+        """eval.json: the evaluation metrics of `task` at `step` (the final ones), without their prefix."""
+        prefix = f"eval/{task}/"
+        found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        (self.run_dir / "eval.json").write_text(
+            json.dumps({"task": task, "step": step, "metrics": found}, indent=2)
+        )
+
+    def log_summary(self, task: str) -> None:
+        """Log `run_summary` of the whole metrics.jsonl (a resumed run's earlier steps included)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        summary = run_summary(read_metrics(path)[0], task)
+        if summary:
+            log.info("finished: %s", summary)
 
     def warn_once(self, kind: str, message: str) -> None:
         if self.enabled and kind not in self.warned:
