@@ -49,8 +49,9 @@ train: $(STAMP)
 	$(VENV)/bin/trgrpo train $(ARGS)
 
 # The CPU sweep into a fixed folder: run `make sweep` again after a crash, a kill or Ctrl-C and it skips
-# the finished runs, resumes the interrupted one from its last checkpoint and starts the rest; a failed
-# run does not stop the others (make exits non-zero with a summary). Elsewhere: SWEEP_DIR=results/x.
+# the finished runs, resumes the interrupted ones from their last checkpoints and starts the rest; a
+# failed run does not stop the others (make exits non-zero with a summary). Jobs run one per core at a
+# time (as many as memory allows); fewer: ARGS=hydra.launcher.n_jobs=1. Elsewhere: SWEEP_DIR=results/x.
 SWEEP_DIR ?= multirun/sweep_cpu
 sweep: $(STAMP)
 	$(VENV)/bin/trgrpo train -m experiment=sweep_cpu hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)

@@ -98,12 +98,19 @@ def test_probe_measures_both_dtypes_with_a_positive_rate():
         (2, 16.0, None, 2),  # a quota above the affinity does not raise it
         (8, None, "2", 4),  # two torchrun processes on the node share the cores
         (2, None, "4", 1),
+        (16, None, "p4", 4),  # a sweep running 4 jobs at once: a quarter each
+        (16, None, "2p3", 2),  # 2 torchrun processes in each of 3 parallel jobs: 16 // 6
     ],
 )
 def test_auto_threads_from_affinity_quota_and_torchrun(monkeypatch, affinity, quota, local, expected):
     _cores(monkeypatch, affinity, quota)
+    monkeypatch.delenv("TRGRPO_SWEEP_PARALLEL", raising=False)
     if local is not None:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        ranks, _, parallel = local.partition("p")
+        if ranks:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        if parallel:
+            monkeypatch.setenv("TRGRPO_SWEEP_PARALLEL", parallel)
     assert host.auto_threads() == expected
 
 
@@ -229,3 +236,22 @@ def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
         "host: torch threads 1 (auto: 1 usable cores), precision bf16 "
         "(auto: 512x512 matmul fp32 100.0 GFLOP/s, bf16 300.0 GFLOP/s)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("affinity", "free_gib", "expected"),
+    [
+        (16, 64, 16),  # one job per core where memory allows
+        (16, 16, 5),  # a 16-core laptop with 16 GiB free: as many 3 GiB jobs as fit
+        (2, 2, 1),  # never fewer than one
+        (4, None, 4),  # memory unknown: the cores decide
+    ],
+)
+def test_sweep_jobs_from_cores_and_free_memory(monkeypatch, tmp_path, affinity, free_gib, expected):
+    _cores(monkeypatch, affinity, None)
+    meminfo = tmp_path / "meminfo"
+    if free_gib is not None:
+        meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {free_gib * 2**20} kB\n")
+    read = host.available_memory
+    monkeypatch.setattr(host, "available_memory", lambda: read(meminfo))
+    assert host.sweep_jobs() == expected

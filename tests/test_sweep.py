@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from trgrpo.run.records import Example
 from trgrpo.sweep import LOCK
 from trgrpo.tasks import make_task
 from trgrpo.tasks.data import task_data
+from trgrpo.train import run as train_run
 
 SWEEP = [*RUN, "trainer.save_every=2", "algo=grpo,tr_grpo,dr_grpo"]  # job #1 is test_resume's RUN
 FOLDERS = ("0_math_grpo_s0", "1_math_tr_grpo_s0", "2_math_dr_grpo_s0")
@@ -91,11 +93,14 @@ def test_train_m_refuses_a_sweep_with_a_bad_job_before_any_starts(tmp_path):
     assert not sweep.exists()  # job #1 was not started either
 
 
-def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("mode", [fcntl.LOCK_EX, fcntl.LOCK_SH], ids=["sweep", "worker"])
+def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path, mode):
+    """Held exclusively (a sweep checking its jobs) or shared (a running sweep, or a parallel sweep's
+    worker that outlived it): refused, nothing written."""
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     with (sweep / LOCK).open("w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held, mode | fcntl.LOCK_NB)
         held.write("4242")
         held.flush()
         done = trgrpo("train", "-m", *FAST, "trainer.steps=1", "seed=0,1", f"hydra.sweep.dir={sweep}")
@@ -104,9 +109,14 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
     assert sorted(p.name for p in sweep.iterdir()) == [LOCK]
 
 
-def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
+PARALLEL = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+
+
+@pytest.mark.parametrize("launcher", [[], PARALLEL], ids=["one_at_a_time", "parallel"])
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tiny, tmp_path, launcher):
     """Jobs that fail at run time (an unreadable model folder: exit 1; a checkpoint holding a pickled
-    object: a ConfigError, exit 2) are recorded; the last job trains; `trgrpo report` lists the rest."""
+    object: a ConfigError, exit 2) are recorded; the last job trains; `trgrpo report` lists the rest.
+    The same when the jobs run two at a time in worker processes (the summary from their run.json)."""
     bad_model = tmp_path / "bad_model"
     bad_model.mkdir()
     (bad_model / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
@@ -122,6 +132,7 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
         f"model.path={bad_model},null",
         f"trainer.resume={pickled},null",
         f"hydra.sweep.dir={sweep}",
+        *launcher,
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
@@ -182,6 +193,65 @@ def test_a_killed_sweep_resumes_where_it_stopped(tiny, tmp_path, tmp_path_factor
 
 
 RUN_STEPS = int(next(o for o in RUN if o.startswith("trainer.steps=")).split("=")[1])
+
+
+def _workers(sweep_pid: int) -> list[int]:
+    """The live worker processes a parallel sweep started (its loky children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == sweep_pid and b"popen_loky" in cmdline and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_parallel_sweep_killed_takes_its_jobs_along_and_resumes_like_one_run(tiny, tmp_path):
+    """Two jobs at a time in worker processes: SIGKILL the sweep while both train; its workers die
+    with it (no orphan keeps writing into a job folder); the same command resumes both from their
+    checkpoints and each ends as its uninterrupted single run logs it, bit for bit. The jobs verify
+    in a process pool of their own (which a worker's inherited start method used to break)."""
+    jobs = [*FAST, "trainer.verify_workers=1", "trainer.steps=60", "trainer.save_every=5"]
+    jobs += ["model.tiny.seed=0", "seed=0,1"]
+    sweep = tmp_path / "sweep"
+    console = tmp_path / "console.txt"
+    command = [sys.executable, "-m", "trgrpo", "train", "-m", *jobs, *PARALLEL, f"hydra.sweep.dir={sweep}"]
+    with console.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc.console = console  # type: ignore[attr-defined]
+    runs = [sweep / "0_math_tr_grpo_s0", sweep / "1_math_tr_grpo_s1"]
+    for run_dir in runs:
+        wait_for_step(proc, run_dir, 6)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, finish(proc)[-3000:]
+    proc.kill()
+    finish(proc)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the killed sweep"
+        time.sleep(0.2)
+    killed = [comparable(run_dir)[-1]["step"] for run_dir in runs]
+    assert all(step < 60 for step in killed), f"a job finished before the kill: nothing tested ({killed})"
+
+    again = trgrpo("train", "-m", *jobs, *PARALLEL, f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 to resume" in again.stdout and "2 jobs at a time" in again.stdout, again.stdout
+    for seed, run_dir in enumerate(runs):
+        assert status(run_dir)["status"] == "finished" and "resumed_from" in status(run_dir)
+        single = tmp_path / f"single_{seed}"
+        train_run(make_cfg(*jobs[:-1], f"seed={seed}"), single)
+        assert_same_rows(comparable(run_dir), comparable(single))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------ task data, before a model

@@ -14,12 +14,19 @@ an empty folder starts. So the same command into the same `hydra.sweep.dir` resu
 that fails, whatever it fails on, gets `run.json` status `failed`, its error and exit code; the sweep
 goes on and ends with a summary of the failed jobs and exit 1. A lock file keeps a second sweep out of
 a folder that one is writing into.
+
+Jobs run one after another (Hydra's basic launcher) or several at once (`hydra/launcher=joblib
+hydra.launcher.n_jobs=N`, Hydra's joblib plugin; `experiment=sweep_cpu` uses it). A parallel job runs in
+a worker process, where `on_job_start` marks the sweep active, so the worker skips, resumes and records
+a failure as the sweep's own process would; `trainer.threads=auto` there gets its share of the cores
+(run/host.py). The parent reads the failures from the jobs' run.json files at the end.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -30,11 +37,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from trgrpo.sweep_check import STATES, Job, check_sweep, count_states, job_lines, job_state
+from trgrpo.sweep_check import STATES, Job, check_sweep, count_states, job_lines, job_state, read_status
 
 log = logging.getLogger("trgrpo")
 
 LOCK = ".sweep.lock"
+PARALLEL_ENV = "TRGRPO_SWEEP_PARALLEL"  # jobs a parallel sweep runs at once: run/host.py shares the cores
 
 
 class SweepStop(BaseException):
@@ -58,6 +66,7 @@ class _Sweep:
     shown: dict[int, str] = field(default_factory=dict)  # job number → the overrides that set it apart
     skipped: set[Path] = field(default_factory=set)
     snapshots: dict[Path, dict[str, bytes]] = field(default_factory=dict)  # finished jobs' .hydra/
+    jobs: list[Job] = field(default_factory=list)  # every job, as checked (empty: another sweeper)
     lock: Any = None
 
 
@@ -132,6 +141,42 @@ def _lock(folder: Path, *, create: bool) -> str | None:
     return None
 
 
+def _share_lock() -> None:
+    """Once the checks pass, the sweep's process holds its lock shared, as its workers will: a second
+    sweep (which needs it exclusive) stays out while any of them is alive."""
+    if STATE.lock is None:
+        return
+    try:
+        fcntl.flock(STATE.lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # another sweep took it in the moment between (flock does not convert atomically)
+        print(f"trgrpo train: error: another sweep took {STATE.folder} just now", file=sys.stderr)
+        raise SweepStop(2) from None
+
+
+def _hold_shared_lock(folder: Path) -> None:
+    """A worker holds the sweep folder's lock shared for its life (a worker that outlives a killed
+    sweep keeps the next sweep out of the folder it may still write into)."""
+    handle = (folder / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held exclusively: only by a sweep still checking its jobs
+        handle.close()
+        return
+    STATE.lock = handle
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the sweep's process dies (a killed sweep kills its jobs, as
+    one run by the basic launcher would be; they resume from their checkpoints)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the lock above still keeps a new sweep out
+        pass
+
+
 class SweepCheck(Callback):
     """Checks a multirun before its first job (refusing it, or, for `plan`, only reporting), restores
     the `.hydra/` record of the finished jobs it skips, and ends with a summary of the failed jobs."""
@@ -160,7 +205,11 @@ class SweepCheck(Callback):
             if bad:
                 print(f"{len(bad)} of {len(jobs)} jobs have problems: fix them before training ({took})")
             else:
-                print(f"all {len(jobs)} jobs valid: {count_states(jobs)} ({took}){_new_folder_note(dry)}")
+                at_once = parallel_jobs(config, len(jobs))
+                pace = f", {at_once} at a time" if at_once > 1 else ""
+                print(
+                    f"all {len(jobs)} jobs valid{pace}: {count_states(jobs)} ({took}){_new_folder_note(dry)}"
+                )
             raise SweepStop(2 if bad else 0)
         if bad:
             print(
@@ -171,8 +220,13 @@ class SweepCheck(Callback):
             )
             raise SweepStop(2)
         self._lock(name, create=True)
+        _share_lock()
         _remember(jobs)
         print(f"{name}: {len(jobs)} jobs checked ({took}): {count_states(jobs)}{_new_folder_note(dry)}")
+        at_once = parallel_jobs(config, len(jobs))
+        if at_once > 1:  # the workers, started after this, inherit it
+            os.environ[PARALLEL_ENV] = str(at_once)
+            print(f"{name}: {at_once} jobs at a time; trainer.threads=auto gives each its share of the cores")
         for line in dict.fromkeys(line.strip() for line in job_lines(jobs) if "warning:" in line):
             print(line)
 
@@ -188,27 +242,76 @@ class SweepCheck(Callback):
             )
             raise SweepStop(2)
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global STATE
+        if STATE.active or str(OmegaConf.select(config, "hydra.mode")) != "RunMode.MULTIRUN":
+            return  # the sweep's own process (the basic launcher), or a single run
+        # a worker process of a parallel launcher: the same job handling as the sweep's process
+        STATE = _Sweep(active=True, folder=Path(str(config.hydra.sweep.dir)))
+        STATE.timestamped = "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False))
+        _die_with_parent()
+        _hold_shared_lock(STATE.folder)
+        # loky marks its workers' start method as its own, which the processes a job spawns (the
+        # verifier pool, vLLM) would be told to use and cannot find: back to the platform's default
+        if multiprocessing.get_start_method(allow_none=True) == "loky":
+            multiprocessing.set_start_method(None, force=True)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         STATE.ran += 1
         folder = Path(str(config.hydra.runtime.output_dir)).resolve()
         if folder in STATE.skipped:  # Hydra rewrote .hydra/ before the job: put back the run's own
-            for name, data in STATE.snapshots.get(folder, {}).items():
-                (folder / ".hydra" / name).write_bytes(data)
+            _restore(folder)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if STATE.failed:
+        for folder in STATE.snapshots:  # skipped in a worker process: put back here
+            _restore(folder)
+        failed = _failed_jobs() if STATE.jobs else STATE.failed
+        if failed:
+            ran = len(STATE.jobs) or STATE.ran
             print(
-                f"trgrpo {self.command}: error: {len(STATE.failed)} of {STATE.ran} jobs failed; "
+                f"trgrpo {self.command}: error: {len(failed)} of {ran} jobs failed; "
                 "each one's run.json has its error:\n"
-                + "\n".join(f"  {line}" for line in STATE.failed)
+                + "\n".join(f"  {line}" for line in failed)
                 + f"\nre-run the same command to retry them: finished jobs are skipped{_folder_hint()}",
                 file=sys.stderr,
             )
             raise SweepStop(1)
 
 
+def parallel_jobs(config: DictConfig, jobs: int) -> int:
+    """How many of the sweep's jobs its launcher runs at once: 1 for the basic launcher; for joblib,
+    `hydra.launcher.n_jobs` (negative: joblib's count from the usable cores, -1 = all), at most the
+    number of jobs, `jobs`."""
+    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
+    if n_jobs is None:
+        return 1
+    n_jobs = int(n_jobs)
+    if n_jobs < 0:
+        from joblib import cpu_count
+
+        n_jobs = max(1, cpu_count() + 1 + n_jobs)
+    return max(1, min(n_jobs, jobs))
+
+
+def _restore(folder: Path) -> None:
+    for name, data in STATE.snapshots.get(folder, {}).items():
+        (folder / ".hydra" / name).write_bytes(data)
+
+
+def _failed_jobs() -> list[str]:
+    """One line per job whose run.json says it failed (in this process or in a worker)."""
+    lines = []
+    for job in STATE.jobs:
+        info = read_status(job.folder) if job.folder is not None else {}
+        if info.get("status") == "failed":
+            code = info.get("exit_code", "?")
+            lines.append(f"#{job.num} {job.shown}: {info.get('error', '?')} (exit {code}; run: {job.folder})")
+    return lines
+
+
 def _remember(jobs: list[Job]) -> None:
     """What the jobs need: how to name each one, and the .hydra/ record of each finished run."""
+    STATE.jobs = list(jobs)
     for job in jobs:
         STATE.shown[job.num] = job.shown
         hydra_dir = None if job.folder is None else job.folder / ".hydra"
@@ -237,3 +340,4 @@ def reset() -> None:
     if STATE.lock is not None:
         STATE.lock.close()
     STATE = _Sweep()
+    os.environ.pop(PARALLEL_ENV, None)

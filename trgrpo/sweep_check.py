@@ -38,20 +38,25 @@ class Job:
     warnings: list[str] = field(default_factory=list)
 
 
+def read_status(folder: Path) -> dict:
+    """A run folder's run.json ({} when it is missing or unreadable)."""
+    try:
+        info = json.loads((folder / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def job_state(folder: Path, steps: int) -> tuple[str, str]:
     """(state, detail) of a job's folder: new, finished (at ≥ `steps`), resume (from its newest
     checkpoint) or restart (an earlier attempt without a checkpoint)."""
     from trgrpo.run.checkpoint import list_checkpoints
 
-    path = folder / "run.json"
-    if not path.is_file():
+    if not (folder / "run.json").is_file():
         return "new", ""
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        info = {}
-    last = info.get("last_step", 0) if isinstance(info, dict) else 0
-    status = info.get("status", "unreadable") if isinstance(info, dict) else "unreadable"
+    info = read_status(folder)
+    last = info.get("last_step", 0)
+    status = info.get("status", "unreadable")
     if status == "finished" and isinstance(last, int) and last >= steps:
         return "finished", f"(at step {last})"
     found = list_checkpoints(folder / "checkpoints")

@@ -263,7 +263,17 @@ class Config:
 TASK_CONFIGS = {"math": MathTaskConfig, "logic": LogicTaskConfig, "tool_qa": ToolQATaskConfig}
 
 
+def _sweep_jobs() -> int:
+    from trgrpo.run.host import sweep_jobs
+
+    return sweep_jobs()
+
+
 def register() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("trgrpo.sweep_jobs"):  # experiment=sweep_cpu's hydra.launcher.n_jobs
+        OmegaConf.register_new_resolver("trgrpo.sweep_jobs", _sweep_jobs)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name, node in TASK_CONFIGS.items():

@@ -69,7 +69,7 @@ def configure(trainer: TrainerConfig, device: torch.device | str = "cpu") -> Hos
     if trainer.threads == "auto":
         torch.set_num_threads(auto_threads())
         local = _local_processes()
-        split = f" / {local} torchrun processes" if local > 1 else ""
+        split = f" / {local} processes (torchrun, parallel sweep jobs)" if local > 1 else ""
         threads_from = f"auto: {usable_cores()} usable cores{split}"
     elif int(trainer.threads) > 0:
         torch.set_num_threads(int(trainer.threads))
@@ -120,15 +120,41 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def _local_processes() -> int:
-    """torchrun processes on this node (LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    """Training processes sharing this node's cores: torchrun's (LOCAL_WORLD_SIZE) times the jobs a
+    parallel sweep runs at once (trgrpo/sweep.py sets TRGRPO_SWEEP_PARALLEL); 1 for a lone run."""
+    count = 1
+    for name in ("LOCAL_WORLD_SIZE", "TRGRPO_SWEEP_PARALLEL"):
+        value = os.environ.get(name, "1")
+        count *= max(1, int(value)) if value.isdigit() else 1
+    return count
+
+
+SWEEP_JOB_MEMORY = 3 * 2**30  # a tiny-model sweep job's peak (tool_qa's index: ~2 GB) and its verifiers
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes this machine can give new processes (MemAvailable); None where it cannot be read."""
     try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def sweep_jobs(per_job: int = SWEEP_JOB_MEMORY) -> int:
+    """Jobs a CPU sweep runs at once (`hydra.launcher.n_jobs: ${trgrpo.sweep_jobs:}`): one per usable
+    core, as many as the available memory holds at `per_job` bytes each."""
+    jobs = usable_cores()
+    memory = available_memory()
+    if memory is not None:
+        jobs = min(jobs, memory // per_job)
+    return max(1, jobs)
 
 
 def auto_threads() -> int:
-    """trainer.threads=auto: the usable cores, shared among the torchrun processes of this node."""
+    """trainer.threads=auto: the usable cores, shared among the training processes of this node."""
     return max(1, usable_cores() // _local_processes())
 
 
