@@ -13,6 +13,11 @@ Parts (pick with --only; all by default):
 - `threads`: one step of the default tiny run (`trgrpo train`) with 1 and 2 torch threads.
 - `memory`:  peak memory of the log-prob pass (forward + backward) for a ~150k vocabulary, chunked
              (trainer.logprob_chunk) against naive full logits.
+- `sweep`:   the wall time of one small `experiment=sweep_cpu` sweep (math, --sweep-jobs jobs of
+             --sweep-steps steps, evaluation at the end only) run one job at a time
+             (`hydra.launcher.n_jobs=1`) and with the experiment's own setting (one job per usable
+             core, as memory allows), alternating, fresh folders each time; checks that both logged
+             the same metrics.
 
 Models: the tiny preset's architecture (hidden 128, 4 layers) and a ~10M-parameter Llama (hidden
 256, 8 layers), both freshly initialised with the tiny preset's tokenizer trained on the math task
@@ -44,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / "bench_cases.py"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-PARTS = ("trl", "threads", "memory")
+PARTS = ("trl", "threads", "memory", "sweep")
 MODELS = {  # TinyConfig fields of the freshly initialised models; None: a real pretrained model
     "tiny": {},
     "llama-10m": {"hidden_size": 256, "layers": 8, "heads": 8, "intermediate_size": 1024},
@@ -293,6 +298,56 @@ def run_memory(python: str, args) -> None:
     print(f"\n(one float32 [tokens, vocab] logits tensor is {full / 2**20:.0f} MB)")
 
 
+def sweep_metrics(folder: Path) -> dict[str, list[dict]]:
+    """Every job's metrics.jsonl rows without wall-clock keys."""
+    out = {}
+    for path in sorted(folder.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        out[path.parent.name] = [
+            {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows
+        ]
+    return out
+
+
+def run_sweep(python: str, args) -> None:
+    import time
+
+    seeds = ",".join(str(i) for i in range(args.sweep_jobs))
+    print(
+        f"\n### Sweep: {args.sweep_jobs} math jobs × {args.sweep_steps} steps (experiment=sweep_cpu), "
+        "one at a time against the experiment's parallel default\n"
+    )
+    modes = {"one at a time (n_jobs=1)": ["hydra.launcher.n_jobs=1"], "experiment default": []}
+    walls: dict[str, list[float]] = {label: [] for label in modes}
+    metrics: dict[str, str] = {}
+    pace = "one job at a time"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="trgrpo-bench-sweep-") as tmp:
+        for round_ in range(args.rounds):
+            for index, (label, extra) in enumerate(modes.items()):
+                folder = Path(tmp) / f"round{round_}-mode{index}"
+                command = [python, "-m", "trgrpo", "train", "-m", "experiment=sweep_cpu", "task=math"]
+                command += ["algo=grpo", f"seed={seeds}", f"trainer.steps={args.sweep_steps}"]
+                command += ["trainer.eval_every=0", "logger.console=false", f"hydra.sweep.dir={folder}"]
+                start = time.perf_counter()
+                proc = subprocess.run([*command, *extra], capture_output=True, text=True, env=env, cwd=ROOT)
+                walls[label].append(time.perf_counter() - start)
+                if proc.returncode != 0:
+                    print(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+                    return
+                pace = next(
+                    (ln.split(": ", 1)[1] for ln in proc.stdout.splitlines() if "at a time" in ln), pace
+                )
+                metrics[label] = json.dumps(sweep_metrics(folder), sort_keys=True)
+    base = statistics.median(walls["one at a time (n_jobs=1)"])
+    print("| launcher | wall s (median) | runs (s) | vs one at a time |")
+    print("|---|---|---|---|")
+    for label, values in walls.items():
+        med = statistics.median(values)
+        print(f"| {label} | {med:.1f} | {[round(v, 1) for v in values]} | {med / base:.2f}x |")
+    print(f"\nexperiment default: {pace}; the same metrics both ways: {len(set(metrics.values())) == 1}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
@@ -332,6 +387,8 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=2048, help="memory part: response tokens")
     parser.add_argument("--chunks", default="256,1024", help="memory part: tokens per chunk, comma-separated")
+    parser.add_argument("--sweep-jobs", type=int, default=4, help="sweep part: jobs (math seeds)")
+    parser.add_argument("--sweep-steps", type=int, default=20, help="sweep part: steps a job")
     parser.add_argument("--python", default=str(BENCH_PYTHON), help="Python that runs the cases (has trl)")
     args = parser.parse_args()
     parts = [p for p in args.only.split(",") if p]
@@ -365,6 +422,8 @@ def main() -> None:
         run_threads(python, args)
     if "memory" in parts:
         run_memory(python, args)
+    if "sweep" in parts:
+        run_sweep(sys.executable if "trl" not in parts else python, args)
 
 
 if __name__ == "__main__":
