@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from test_resume import RUN, assert_same_rows, comparable, finish, reference_row
 from trgrpo.config.schema import ConfigError
 from trgrpo.run import checkpoint
 from trgrpo.run.records import Example
-from trgrpo.sweep import LOCK
+from trgrpo.sweep import LOCK, STOP
 from trgrpo.tasks import make_task
 from trgrpo.tasks.data import task_data
 from trgrpo.train import run as train_run
@@ -245,6 +246,40 @@ def test_a_parallel_sweep_killed_takes_its_jobs_along_and_resumes_like_one_run(t
         single = tmp_path / f"single_{seed}"
         train_run(make_cfg(*jobs[:-1], f"seed={seed}"), single)
         assert_same_rows(comparable(run_dir), comparable(single))
+
+
+def test_ctrl_c_stops_a_parallel_sweep_once_its_jobs_have_saved(tiny, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during a parallel sweep: each running job saves
+    its checkpoint (none is killed mid-save by the launcher), the queued job does not start, and the
+    sweep ends with exit 130 and a resume hint; `plan -m` then lists the saved steps to resume."""
+    jobs = [*FAST, "trainer.steps=200", "model.tiny.seed=0", "seed=0,1,2", *PARALLEL]
+    sweep = tmp_path / "sweep"
+    console = tmp_path / "console.txt"
+    with console.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trgrpo", "train", "-m", *jobs, f"hydra.sweep.dir={sweep}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,  # its own process group, as a terminal gives it
+        )
+    proc.console = console  # type: ignore[attr-defined]
+    runs = [sweep / "0_math_tr_grpo_s0", sweep / "1_math_tr_grpo_s1", sweep / "2_math_tr_grpo_s2"]
+    for run_dir in runs[:2]:
+        wait_for_step(proc, run_dir, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "trgrpo train: interrupted; to resume the sweep, re-run the same command" in out
+    assert "Traceback" not in out, out[-3000:]
+    for run_dir in runs[:2]:
+        info = status(run_dir)
+        assert info["status"] == "interrupted", info
+        assert checkpoint.is_saved(run_dir / "checkpoints", info["last_step"]), info
+    assert not (runs[2] / "run.json").exists()  # queued: not started
+    assert not (sweep / STOP).exists()
+    plan = trgrpo("plan", "-m", *jobs, f"hydra.sweep.dir={sweep}")
+    assert "2 to resume, 1 to start" in plan.stdout, plan.stdout + plan.stderr
 
 
 def _alive(pid: int) -> bool:

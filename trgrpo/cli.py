@@ -179,6 +179,8 @@ def _hydra_app(name: str, body: Callable[[Config, DictConfig], object]) -> Calla
             err.trgrpo_body = True  # type: ignore[attr-defined]
             raise
         except KeyboardInterrupt:
+            if sweep.job_interrupted():  # a parallel sweep's job: the sweep's process ends it
+                return
             print(f"trgrpo {name}: interrupted{sweep.resume_hint()}", file=sys.stderr)
             sys.exit(130)
 

@@ -28,6 +28,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from trgrpo.sweep_check import STATES, Job, check_sweep, count_states, job_lines
 log = logging.getLogger("trgrpo")
 
 LOCK = ".sweep.lock"
+STOP = ".sweep.stop"  # a parallel sweep was interrupted: the jobs not yet started are left for the re-run
 PARALLEL_ENV = "TRGRPO_SWEEP_PARALLEL"  # jobs a parallel sweep runs at once: run/host.py shares the cores
 
 
@@ -67,7 +69,9 @@ class _Sweep:
     skipped: set[Path] = field(default_factory=set)
     snapshots: dict[Path, dict[str, bytes]] = field(default_factory=dict)  # finished jobs' .hydra/
     jobs: list[Job] = field(default_factory=list)  # every job, as checked (empty: another sweeper)
+    worker: bool = False  # a worker process of a parallel launcher
     lock: Any = None
+    sigint: Any = None  # the sweep process's own SIGINT handler while its workers run
 
 
 STATE = _Sweep()
@@ -80,6 +84,9 @@ def prepare_job(cfg, run_dir: Path) -> bool:
     from trgrpo.run.checkpoint import wants_resume
     from trgrpo.run.metrics import write_status
 
+    if STATE.worker and STATE.folder is not None and (STATE.folder / STOP).exists():
+        log.info("%s: the sweep was interrupted: not started", run_dir)
+        return True
     state, detail = job_state(run_dir, cfg.trainer.steps)
     if state == "finished":
         log.info("%s: finished %s: skipped", run_dir, detail)
@@ -91,6 +98,17 @@ def prepare_job(cfg, run_dir: Path) -> bool:
             cfg.trainer.resume = "auto"
         write_status(run_dir, exit_code=None)
     return False
+
+
+def job_interrupted() -> bool:
+    """Ctrl-C reached a parallel sweep's job (which saved its checkpoint): True in a worker, after
+    marking the sweep stopped so that its queued jobs do not start. The worker returns normally, so
+    the launcher kills no other worker in the middle of saving; the sweep's process, which ignores
+    the signal meanwhile, ends with exit 130 once every job has returned."""
+    if not STATE.worker or STATE.folder is None:
+        return False
+    (STATE.folder / STOP).touch()
+    return True
 
 
 def job_failed(command: str, err: BaseException, code: int) -> None:
@@ -224,8 +242,12 @@ class SweepCheck(Callback):
         _remember(jobs)
         print(f"{name}: {len(jobs)} jobs checked ({took}): {count_states(jobs)}{_new_folder_note(dry)}")
         at_once = parallel_jobs(config, len(jobs))
+        (STATE.folder / STOP).unlink(missing_ok=True)
         if at_once > 1:  # the workers, started after this, inherit it
             os.environ[PARALLEL_ENV] = str(at_once)
+            # Ctrl-C reaches every process of the group: the jobs save and return (job_interrupted);
+            # this process waits for them instead of letting the launcher kill them mid-save
+            STATE.sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
             print(f"{name}: {at_once} jobs at a time; trainer.threads=auto gives each its share of the cores")
         for line in dict.fromkeys(line.strip() for line in job_lines(jobs) if "warning:" in line):
             print(line)
@@ -247,8 +269,9 @@ class SweepCheck(Callback):
         if STATE.active or str(OmegaConf.select(config, "hydra.mode")) != "RunMode.MULTIRUN":
             return  # the sweep's own process (the basic launcher), or a single run
         # a worker process of a parallel launcher: the same job handling as the sweep's process
-        STATE = _Sweep(active=True, folder=Path(str(config.hydra.sweep.dir)))
+        STATE = _Sweep(active=True, folder=Path(str(config.hydra.sweep.dir)), worker=True)
         STATE.timestamped = "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False))
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the sweep's process ignores it
         _die_with_parent()
         _hold_shared_lock(STATE.folder)
         # loky marks its workers' start method as its own, which the processes a job spawns (the
@@ -265,6 +288,11 @@ class SweepCheck(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         for folder in STATE.snapshots:  # skipped in a worker process: put back here
             _restore(folder)
+        stop = STATE.folder / STOP if STATE.folder is not None else None
+        if stop is not None and stop.exists():
+            stop.unlink()
+            print(f"trgrpo {self.command}: interrupted{resume_hint()}", file=sys.stderr)
+            raise SweepStop(130)
         failed = _failed_jobs() if STATE.jobs else STATE.failed
         if failed:
             ran = len(STATE.jobs) or STATE.ran
@@ -339,5 +367,7 @@ def reset() -> None:
     global STATE
     if STATE.lock is not None:
         STATE.lock.close()
+    if STATE.sigint is not None:
+        signal.signal(signal.SIGINT, STATE.sigint)
     STATE = _Sweep()
     os.environ.pop(PARALLEL_ENV, None)
