@@ -19,7 +19,10 @@ Jobs run one after another (Hydra's basic launcher) or several at once (`hydra/l
 hydra.launcher.n_jobs=N`, Hydra's joblib plugin; `experiment=sweep_cpu` uses it). A parallel job runs in
 a worker process, where `on_job_start` marks the sweep active, so the worker skips, resumes and records
 a failure as the sweep's own process would; `trainer.threads=auto` there gets its share of the cores
-(run/host.py). The parent reads the failures from the jobs' run.json files at the end.
+(run/host.py). The parent reads the failures from the jobs' run.json files at the end. Workers hold the
+folder's lock shared and die with the sweep's process; on Ctrl-C the running jobs save and return, the
+queued ones do not start (a stop file), and the sweep's process, which ignores the signal while its
+workers run, ends with exit 130.
 """
 
 from __future__ import annotations
@@ -188,7 +191,6 @@ def _die_with_parent() -> None:
     one run by the basic launcher would be; they resume from their checkpoints)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the lock above still keeps a new sweep out
