@@ -300,9 +300,11 @@ def run_memory(python: str, args) -> None:
 
 def sweep_metrics(folder: Path) -> dict[str, list[dict]]:
     """Every job's metrics.jsonl rows without wall-clock keys."""
+    from trgrpo.run.metrics import read_metrics
+
     out = {}
     for path in sorted(folder.glob("*/metrics.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_metrics(path)[0]
         out[path.parent.name] = [
             {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in rows
         ]
@@ -423,7 +425,7 @@ def main() -> None:
     if "memory" in parts:
         run_memory(python, args)
     if "sweep" in parts:
-        run_sweep(sys.executable if "trl" not in parts else python, args)
+        run_sweep(sys.executable, args)  # needs only this package (and its joblib launcher), not trl
 
 
 if __name__ == "__main__":

@@ -39,15 +39,17 @@ def trgrpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
 
-def start_sweep(folder: Path) -> subprocess.Popen:
-    """`trgrpo train -m SWEEP` in the background, its console in a file (as test_resume.start_train)."""
+def start_sweep(folder: Path, overrides: list[str] = SWEEP) -> subprocess.Popen:
+    """`trgrpo train -m <overrides>` in the background, its console in a file (as
+    test_resume.start_train), in a process group of its own, as a terminal gives it."""
     console = folder.parent / "console.txt"
     with console.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trgrpo", "train", "-m", *SWEEP, f"hydra.sweep.dir={folder}"],
+            [sys.executable, "-m", "trgrpo", "train", "-m", *overrides, f"hydra.sweep.dir={folder}"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(os.environ),
+            start_new_session=True,
         )
     proc.console = console  # type: ignore[attr-defined]
     return proc
@@ -219,11 +221,7 @@ def test_a_parallel_sweep_killed_takes_its_jobs_along_and_resumes_like_one_run(t
     jobs = [*FAST, "trainer.verify_workers=1", "trainer.steps=60", "trainer.save_every=5"]
     jobs += ["model.tiny.seed=0", "seed=0,1"]
     sweep = tmp_path / "sweep"
-    console = tmp_path / "console.txt"
-    command = [sys.executable, "-m", "trgrpo", "train", "-m", *jobs, *PARALLEL, f"hydra.sweep.dir={sweep}"]
-    with console.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    proc.console = console  # type: ignore[attr-defined]
+    proc = start_sweep(sweep, [*jobs, *PARALLEL])
     runs = [sweep / "0_math_tr_grpo_s0", sweep / "1_math_tr_grpo_s1"]
     for run_dir in runs:
         wait_for_step(proc, run_dir, 6)
@@ -254,16 +252,7 @@ def test_ctrl_c_stops_a_parallel_sweep_once_its_jobs_have_saved(tiny, tmp_path):
     sweep ends with exit 130 and a resume hint; `plan -m` then lists the saved steps to resume."""
     jobs = [*FAST, "trainer.steps=200", "model.tiny.seed=0", "seed=0,1,2", *PARALLEL]
     sweep = tmp_path / "sweep"
-    console = tmp_path / "console.txt"
-    with console.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trgrpo", "train", "-m", *jobs, f"hydra.sweep.dir={sweep}"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ),
-            start_new_session=True,  # its own process group, as a terminal gives it
-        )
-    proc.console = console  # type: ignore[attr-defined]
+    proc = start_sweep(sweep, jobs)
     runs = [sweep / "0_math_tr_grpo_s0", sweep / "1_math_tr_grpo_s1", sweep / "2_math_tr_grpo_s2"]
     for run_dir in runs[:2]:
         wait_for_step(proc, run_dir, 3)

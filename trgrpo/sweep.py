@@ -127,7 +127,7 @@ def job_failed(command: str, err: BaseException, code: int) -> None:
     if run_dir.is_dir():
         write_status(run_dir, status="failed", error=message, exit_code=code)
     shown = STATE.shown.get(num) or " ".join(hydra_cfg.overrides.task)
-    line = f"#{num} {shown}: {message} (exit {code}; run: {run_dir})"
+    line = _failure_line(num, shown, message, code, run_dir)
     STATE.failed.append(line)
     print(f"trgrpo {command}: job {line}; the sweep goes on", file=sys.stderr)
 
@@ -334,9 +334,14 @@ def _failed_jobs() -> list[str]:
     for job in STATE.jobs:
         info = read_status(job.folder) if job.folder is not None else {}
         if info.get("status") == "failed":
-            code = info.get("exit_code", "?")
-            lines.append(f"#{job.num} {job.shown}: {info.get('error', '?')} (exit {code}; run: {job.folder})")
+            error, code = info.get("error", "?"), info.get("exit_code", "?")
+            lines.append(_failure_line(job.num, job.shown, error, code, job.folder))
     return lines
+
+
+def _failure_line(num: int, shown: str, message: str, code: Any, run_dir: Path | None) -> str:
+    """A failed job as the sweep prints it, when it fails and in the summary at the end."""
+    return f"#{num} {shown}: {message} (exit {code}; run: {run_dir})"
 
 
 def _remember(jobs: list[Job]) -> None:
