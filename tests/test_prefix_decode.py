@@ -31,6 +31,8 @@ def _prompts(tokenizer) -> list[list[int]]:
 def _random_model(kind: str, vocab: int):
     """A freshly initialised small model of another architecture, on the tiny tokenizer's vocabulary."""
     from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
         Qwen2Config,
@@ -53,6 +55,16 @@ def _random_model(kind: str, vocab: int):
         )
     elif kind == "qwen2":  # attention biases, grouped-query attention
         model = Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=1, **common))
+    elif kind == "llama-bias":  # biases on every projection, the MLP's too
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True, **common
+            )
+        )
+    elif kind == "mistral-full":  # without a sliding window: full attention, supported
+        model = MistralForCausalLM(
+            MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common)
+        )
     else:  # sliding-window attention: not supported, `auto` falls back to generate
         model = MistralForCausalLM(
             MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, **common)
@@ -95,6 +107,72 @@ def test_sampled_logprobs_are_the_teacher_forced_ones(model_and_tokenizer):
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-5), k
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "llama-bias", "mistral-full"])
+def test_decode_step_equals_the_models_own_forward(tiny, kind, precision):
+    """`_Step` (joined projections, no transformers machinery per token) samples the same tokens with
+    the same log-probs as decoding through the model's forward, in fp32 and under bf16 autocast, for
+    every architecture it claims; and it is the path taken."""
+    model, tokenizer, _ = tiny
+    if kind != "llama":
+        model = _random_model(kind, model.config.vocab_size)
+    assert prefix_decode.supports(model) and prefix_decode._Step.build(model, torch.float32) is not None
+    ids, attention = _left_padded(_prompts(tokenizer), tokenizer.pad_token_id)
+    calls = []
+    step_call = prefix_decode._Step.__call__
+
+    def draw(fast: bool):
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return prefix_decode.sample(
+                model,
+                ids,
+                attention,
+                n=3,
+                max_new_tokens=9,
+                temperature=1.0,
+                top_p=1.0,
+                eos_ids=[tokenizer.eos_token_id],
+                pad_id=tokenizer.pad_token_id,
+                fast=fast,
+            )
+
+    def spy(self, *args):
+        calls.append(self.dtype)
+        return step_call(self, *args)
+
+    prefix_decode._Step.__call__ = spy
+    try:
+        fast_ids, fast_lp = draw(True)
+        assert calls and set(calls) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        calls.clear()
+        slow_ids, slow_lp = draw(False)
+        assert not calls
+    finally:
+        prefix_decode._Step.__call__ = step_call
+    assert torch.equal(fast_ids, slow_ids)
+    assert torch.allclose(fast_lp, slow_lp, atol=1e-5 if precision == "fp32" else 1e-3)
+
+
+def test_layers_the_step_does_not_know_decode_through_the_model(tiny, monkeypatch):
+    """A decoder layer class outside `_STEP_LAYERS` (a new architecture, a subclass) is never run by
+    `_Step`: sampling goes through the model's own forward and gives the same tokens."""
+    model, tokenizer, _ = tiny
+    engine = HFEngine(model, tokenizer, decode="shared_prefix")
+    sampling = Sampling(max_new_tokens=8, n=2, seed=4)
+    expected = engine.generate(_prompts(tokenizer), sampling)
+    monkeypatch.setattr(prefix_decode, "_STEP_LAYERS", ("SomeOtherDecoderLayer",))
+    assert prefix_decode._Step.build(model, torch.float32) is None
+    monkeypatch.setattr(prefix_decode._Step, "__call__", lambda *a: pytest.fail("_Step ran"))
+    assert engine.generate(_prompts(tokenizer), sampling) == expected
 
 
 def test_sampling_is_reproducible_from_its_seed(tiny):

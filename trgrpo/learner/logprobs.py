@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from trgrpo.learner.batch import MicroBatch
-from trgrpo.models.body import decoder, dynamic_cache, with_cache
+from trgrpo.models.body import decoder, dynamic_cache, select_rows, with_cache
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -191,10 +191,10 @@ def _shared_body(body, config, mb: MicroBatch) -> Tensor:
         use_cache=True,
         **with_cache(body, cache),
     ).last_hidden_state
-    last = prompt[:, -1:][mb.owner]  # [B, 1, H]: the prompt's last state predicts response token 0
+    last = prompt[:, -1:].index_select(0, mb.owner)  # [B, 1, H]: predicts response token 0
     if t == 1:
         return last
-    cache.batch_select_indices(mb.owner)
+    select_rows(cache, mb.owner)
     rest = body(
         input_ids=mb.input_ids[:, p : p + t - 1],
         attention_mask=mb.attention_mask[:, : p + t - 1],

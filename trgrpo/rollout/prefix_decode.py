@@ -16,7 +16,7 @@ others use `generate` (`supports`).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +61,20 @@ class _Prefix:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **_):
-    """One decode step (query length 1) of cascade attention; returns [rows, 1, heads, d]."""
-    state: _Prefix = shared_prefix
-    layer, t = module.layer_idx, state.step
-    state.new_keys[layer][:, :, t] = key[:, :, -1]
-    state.new_values[layer][:, :, t] = value[:, :, -1]
+    """One decode step (query length 1) through transformers' `AttentionInterface`; returns
+    [rows, 1, heads, d]."""
     rows, heads, _, d = query.shape
+    out = _cascade(shared_prefix, module.layer_idx, query[:, :, -1], key[:, :, -1], value[:, :, -1], scaling)
+    return out.to(query.dtype).reshape(rows, 1, heads, d), None
+
+
+def _cascade(state: _Prefix, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling) -> Tensor:
+    """Cascade attention of one decode step: query [rows, heads, d], this step's key and value
+    [rows, kv_heads, d]; returns [rows, heads, d] in the caches' dtype."""
+    t = state.step
+    state.new_keys[layer][:, :, t] = key
+    state.new_values[layer][:, :, t] = value
+    rows, heads, d = query.shape
     kv_heads = key.shape[1]
     r, n = heads // kv_heads, state.n
     prompts = rows // n
@@ -93,7 +101,97 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = probs[..., width:] @ own_v
     if width:
         out = out + by_row(by_prompt(probs[..., :width]) @ state.values[layer])
-    return out.to(query.dtype).reshape(rows, heads, 1, d).transpose(1, 2), None
+    return out.reshape(rows, heads, d)
+
+
+# Decoder layers whose forward `_Step` reproduces: pre-norm attention with rotary q and k (Qwen3:
+# after a per-head RMSNorm of each) and a gated MLP, each added to the residual stream.
+_STEP_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+@dataclass
+class _Layer:
+    attention: torch.nn.Module  # for its layer_idx, scaling and (Qwen3) q_norm / k_norm
+    norms: tuple[torch.nn.Module, torch.nn.Module]  # before attention, before the MLP
+    qkv: tuple[Tensor, Tensor | None]  # q, k and v projections as one (weight, bias)
+    out: tuple[Tensor, Tensor | None]
+    gate_up: tuple[Tensor, Tensor | None]  # gate and up projections as one
+    down: tuple[Tensor, Tensor | None]
+    act: object
+
+
+def _joined(linears, dtype) -> tuple[Tensor, Tensor | None]:
+    """The linears' weights (and biases) stacked into one, in `dtype`: one matmul for all of them."""
+    weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
+    biases = [m.bias for m in linears]
+    bias = None if biases[0] is None else biases[0] if len(linears) == 1 else torch.cat(biases)
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+class _Step:
+    """One decode step of the whole body, for the decoder layers in `_STEP_LAYERS`, without
+    transformers' per-call machinery (keyword plumbing, masks, hooks: most of the ~1,150 ops a step of
+    the ~10M bench model issued) and with q/k/v and gate/up each as one matmul.
+
+    The numbers are those of the model's own forward under the engine's autocast: the same residual
+    stream (the parameters' dtype), the same RMSNorm and rotary modules, matmuls in `dtype` with their
+    outputs added to the stream, and q and k after rotary in the stream's dtype (tested against the
+    transformers path). The joined weights are copies in `dtype`, made per `sample` call (they change
+    at every optimizer step); under bf16 autocast would hold the same bf16 copies."""
+
+    def __init__(self, body, dtype: torch.dtype):
+        self.body, self.dtype = body, dtype
+        self.layers = []
+        for layer in body.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    attention,
+                    (layer.input_layernorm, layer.post_attention_layernorm),
+                    _joined([attention.q_proj, attention.k_proj, attention.v_proj], dtype),
+                    _joined([attention.o_proj], dtype),
+                    _joined([mlp.gate_proj, mlp.up_proj], dtype),
+                    _joined([mlp.down_proj], dtype),
+                    mlp.act_fn,
+                )
+            )
+        config = body.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+
+    @classmethod
+    def build(cls, model, dtype: torch.dtype) -> _Step | None:
+        """The step for this model, or None where its layers are not ones it reproduces."""
+        body = decoder(model)
+        if not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            return None
+        if any(type(layer).__name__ not in _STEP_LAYERS for layer in body.layers):
+            return None
+        return cls(body, dtype)
+
+    def __call__(self, token: Tensor, position: Tensor, state: _Prefix) -> Tensor:
+        """The final hidden state [rows, hidden] of each row's next token at its position."""
+        rows, heads, kv_heads, d = token.shape[0], self.heads, self.kv_heads, self.head_dim
+        hidden = self.body.embed_tokens(token)
+        cos, sin = self.body.rotary_emb(hidden, position[:, None])  # [rows, 1, d], the stream's dtype
+        for i, layer in enumerate(self.layers):
+            x = layer.norms[0](hidden).to(self.dtype)
+            qkv = torch.nn.functional.linear(x, *layer.qkv)
+            qk = qkv[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
+            q_norm = getattr(layer.attention, "q_norm", None)
+            if q_norm is not None:
+                qk = torch.cat([q_norm(qk[:, :heads]), layer.attention.k_norm(qk[:, heads:])], dim=1)
+            half = d // 2
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+            v = qkv[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
+            a = _cascade(state, i, qk[:, :heads], qk[:, heads:], v, layer.attention.scaling)
+            hidden = hidden + torch.nn.functional.linear(a.reshape(rows, heads * d), *layer.out)
+            gate, up = torch.nn.functional.linear(
+                layer.norms[1](hidden).to(self.dtype), *layer.gate_up
+            ).chunk(2, -1)
+            hidden = hidden + torch.nn.functional.linear(layer.act(gate) * up, *layer.down)
+        return self.body.norm(hidden)
 
 
 def _register() -> None:
@@ -127,11 +225,13 @@ def sample(
     eos_ids: list[int],
     pad_id: int,
     stop_check=None,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Sample `n` continuations of every left-padded prompt row; returns token ids and their log-probs
     (log-softmax of logits / temperature, full vocabulary), both [prompts * n, T], prompt-major.
     temperature 0 is greedy. Rows end at an EOS id (later positions hold `pad_id`); the loop stops
-    when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended."""
+    when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended. `fast`
+    decodes with `_Step` where the model's layers allow (False: through the model's forward)."""
     body, head = decoder(model), model.get_output_embeddings()
     rows, device = input_ids.shape[0] * n, input_ids.device
     state = _prefill(model, input_ids, attention, n, max_new_tokens)
@@ -141,15 +241,24 @@ def sample(
     out_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((rows, max_new_tokens), device=device)
     live = torch.ones(rows, dtype=torch.bool, device=device)
-    with _attention_swapped(model):
+    step = _Step.build(model, state.new_keys[0].dtype) if fast else None
+
+    def forward(t: int) -> Tensor:
+        if step is not None:
+            return step(token, position + t, state)
+        return body(
+            input_ids=token[:, None],
+            position_ids=(position + t)[:, None],
+            use_cache=False,
+            shared_prefix=state,
+        ).last_hidden_state[:, -1]
+
+    # The step casts for itself: autocast would only add its dispatch to every op.
+    own_casts = torch.autocast(device.type, enabled=False) if step is not None else nullcontext()
+    with _attention_swapped(model), own_casts:
         for t in range(max_new_tokens):
             state.advance(t)
-            hidden = body(
-                input_ids=token[:, None],
-                position_ids=(position + t)[:, None],
-                use_cache=False,
-                shared_prefix=state,
-            ).last_hidden_state[:, -1]
+            hidden = forward(t)
             with torch.autocast(device.type, enabled=False):  # the head in float32, as the learner's
                 logits = head(hidden.to(head.weight.dtype)).float()
             logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
