@@ -32,3 +32,33 @@ class MisbehavingTask:
 
     def demonstration(self, example):
         return [("ok", True)]
+
+
+def broken_in_workers(cfg):
+    """A task factory that works in the training process and raises in every verifier worker (as an
+    import missing from the workers' environment would)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        raise ImportError("no module named 'verifier_backend'")
+    from trgrpo.tasks import make_task
+
+    return MisbehavingTask(cfg) if cfg.name == "misbehaving" else make_task(cfg)
+
+
+def dies_in_workers(cfg):
+    """A task factory whose workers die before they run anything."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return MisbehavingTask(cfg)
+
+
+def hangs_in_workers(cfg):
+    """A task factory whose workers never finish starting."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        time.sleep(3600)
+    return MisbehavingTask(cfg)

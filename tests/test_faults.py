@@ -111,6 +111,46 @@ def test_too_many_nonfinite_steps_abort_with_a_clean_error(tiny, tmp_path):
     assert [r["train/skipped_steps"] for r in comparable(tmp_path)] == [1.0]  # step 2 aborted
 
 
+BROKEN_VERIFIERS_CLI = """
+import functools, sys
+sys.path.insert(0, {tests!r})
+import slow_task
+import trgrpo.train as train
+from trgrpo.tasks.verify_pool import VerifyPool
+train.VerifyPool = functools.partial(VerifyPool, factory=slow_task.broken_in_workers)
+from trgrpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_verifier_workers_that_cannot_start_end_the_run_with_a_clean_error(tiny, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BROKEN_VERIFIERS_CLI.format(tests=str(Path(__file__).parent)),
+            "train",
+            *FAST,
+            "trainer.steps=2",
+            "trainer.verify_workers=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "Traceback" not in done.stderr
+    assert (
+        "trgrpo train: error: the verifier worker could not build the task (ImportError: no module named "
+        "'verifier_backend'); trainer.verify_workers=0 verifies in the training process" in done.stderr
+    )
+    status = _status(tmp_path)
+    assert status["status"] == "failed" and "could not build the task" in status["error"]
+
+
 class CrashingTask:
     """The real task, whose verifier raises on odd-length responses."""
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 
 import pytest
+import slow_task
 from conftest import make_cfg
 from slow_task import MisbehavingTask
 
 from trgrpo.config.schema import ConfigError, GeneratorConfig, MathTaskConfig, TaskConfig
 from trgrpo.run.records import Example
-from trgrpo.tasks import make_task
+from trgrpo.tasks import make_task, verify_pool
 from trgrpo.tasks.answer import last_boxed, last_tag
 from trgrpo.tasks.math_qa import gold_from
-from trgrpo.tasks.verify_pool import VerifyPool
+from trgrpo.tasks.verify_pool import VerifierStartError, VerifyPool
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,54 @@ def test_pool_times_out_crashes_and_survives_a_dead_worker():
         assert [r.score for r in again] == [1.0, 1.0, 0.0]
     finally:
         pool.close()
+
+
+def test_workers_that_cannot_build_the_task_fail_the_pool_instead_of_hanging():
+    """Without the guard pebble restarts such workers forever and `score` never returns."""
+    pool = VerifyPool(
+        TaskConfig(name="misbehaving"), workers=2, timeout=2.0, factory=slow_task.broken_in_workers
+    )
+    started = time.perf_counter()
+    with pytest.raises(VerifierStartError, match=r"could not build the task \(ImportError: no module named"):
+        pool.score([ex("ok")] * 3, ["ok", "ok", "x"])
+    assert time.perf_counter() - started < 30
+    assert pool.pool is None  # stopped
+
+
+def test_workers_that_die_at_start_fail_the_pool_instead_of_scoring_zero():
+    """Such workers break the pebble pool: every sample would come back unscorable (a step of zero
+    rewards) and every later call would raise. The pool is started again once, then it gives up."""
+    pool = VerifyPool(
+        TaskConfig(name="misbehaving"), workers=2, timeout=2.0, factory=slow_task.dies_in_workers
+    )
+    with pytest.raises(VerifierStartError, match=r"die before they run a sample \(twice\).*verify_workers=0"):
+        pool.score([ex("ok")] * 3, ["ok", "ok", "x"])
+    assert pool.pool is None
+
+
+def test_a_pool_broken_while_idle_is_started_again():
+    pool = VerifyPool(TaskConfig(name="misbehaving"), workers=1, timeout=2.0, factory=MisbehavingTask)
+    try:
+        assert [r.score for r in pool.score([ex("ok")] * 2, ["ok", "x"])] == [1.0, 0.0]
+        for worker in list(pool.pool._pool_manager.worker_manager.workers.values()):
+            worker.kill()  # as the kernel's OOM killer would, between two steps
+        time.sleep(0.5)
+        rewards = pool.score([ex("ok")] * 3, ["ok", "ok", "x"])
+        assert [r.score for r in rewards] == [1.0, 1.0, 0.0] and not any(r.unscorable for r in rewards)
+    finally:
+        pool.close()
+
+
+def test_workers_that_never_start_fail_the_pool_after_the_start_limit(monkeypatch):
+    monkeypatch.setattr(verify_pool, "START_LIMIT", 4.0)
+    pool = VerifyPool(
+        TaskConfig(name="misbehaving"), workers=1, timeout=1.0, factory=slow_task.hangs_in_workers
+    )
+    started = time.perf_counter()
+    with pytest.raises(VerifierStartError, match=r"no verifier worker started within 4 s.*verify_workers=0"):
+        pool.score([ex("ok")], ["ok"])
+    assert 4.0 <= time.perf_counter() - started < 20
+    assert pool.pool is None
 
 
 def test_pathological_latex_is_cut_at_the_timeout():

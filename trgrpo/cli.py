@@ -5,7 +5,7 @@ overrides (`task=logic algo=grpo trainer.steps=50`, `-m` for multirun). The comp
 converted to the typed `Config` here and nothing below this module sees OmegaConf. User errors
 (`ConfigError`, and Hydra's compose errors: an unknown group option, a misspelt key, a value of the
 wrong type, an override it cannot parse) print one line and exit 2, a diverged run (`NonFiniteStep`)
-exits 1 and Ctrl-C exits 130, all without a traceback. `trgrpo eval RUN_DIR|CHECKPOINT` takes the
+or verifier workers that cannot start (`VerifierStartError`) exit 1 and Ctrl-C exits 130, all without a traceback. `trgrpo eval RUN_DIR|CHECKPOINT` takes the
 checkpoint as its first argument, as `trgrpo report DIR` does (or as `eval.checkpoint=`).
 `train -m` and `plan -m` go through trgrpo/sweep.py (a Hydra callback): every job is checked before the
 first starts, and a sweep job that fails is recorded in its run.json while the sweep goes on.
@@ -193,6 +193,7 @@ def _train(cfg: Config, raw: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from trgrpo.learner.learner import NonFiniteStep
+    from trgrpo.tasks.verify_pool import VerifierStartError
     from trgrpo.train import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -200,7 +201,8 @@ def _train(cfg: Config, raw: DictConfig) -> None:
         return
     try:
         run(cfg, run_dir)
-    except NonFiniteStep as err:  # training diverged: a result to report, not a bug to trace
+    # training diverged, or its verifiers cannot start: a result or a setting to report, not a bug
+    except (NonFiniteStep, VerifierStartError) as err:
         if sweep.STATE.active:
             raise  # recorded by the job wrapper; the sweep goes on
         _log_to_files(err)
@@ -210,8 +212,14 @@ def _train(cfg: Config, raw: DictConfig) -> None:
 
 def _eval(cfg: Config, raw: DictConfig) -> None:
     from trgrpo.evaluate import run_eval
+    from trgrpo.tasks.verify_pool import VerifierStartError
 
-    run_eval(cfg)
+    try:
+        run_eval(cfg)
+    except VerifierStartError as err:
+        _log_to_files(err)
+        print(f"trgrpo eval: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _plan(cfg: Config, raw: DictConfig) -> None:

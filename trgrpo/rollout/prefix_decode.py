@@ -136,8 +136,9 @@ class _Step:
     The numbers are those of the model's own forward under the engine's autocast: the same residual
     stream (the parameters' dtype), the same RMSNorm and rotary modules, matmuls in `dtype` with their
     outputs added to the stream, and q and k after rotary in the stream's dtype (tested against the
-    transformers path). The joined weights are copies in `dtype`, made per `sample` call (they change
-    at every optimizer step); under bf16 autocast would hold the same bf16 copies."""
+    transformers path). The joined weights are copies in `dtype`, made per `sample` call (the weights
+    change at every optimizer step): under bf16 they take the place of the bf16 copies autocast would
+    cache; in fp32 they are three quarters of the body's size, less than the gradients an update holds."""
 
     def __init__(self, body, dtype: torch.dtype):
         self.body, self.dtype = body, dtype
