@@ -154,7 +154,14 @@ def step_cases(model_dir: Path, model: str, args) -> dict[str, dict]:
         "trl bf16 (its defaults)": dict(trl, bf16=True, gradient_checkpointing=True),
         "ours compiled": dict(kind="ours", overrides=[*ours, "trainer.compile=true"], **common_ours),
         "trl fp32": dict(trl, bf16=False, gradient_checkpointing=False),
+        # torch's "medium" float32 matmuls, which our trainer.fp32_matmul=auto may pick: TRL gets them too
+        "trl fp32, medium float32 matmuls": dict(
+            trl, bf16=False, gradient_checkpointing=False, fp32_matmul="medium"
+        ),
         "ours fp32": dict(kind="ours", overrides=[*ours, "trainer.precision=fp32"], **common_ours),
+        "ours, highest float32 matmuls": dict(
+            kind="ours", overrides=[*ours, "trainer.fp32_matmul=highest"], **common_ours
+        ),
         "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common_ours),
         "ours 1 thread": dict(kind="ours", overrides=[*ours, "trainer.threads=1"], **common_ours),
         "trl defaults + host memory reuse": dict(
@@ -168,12 +175,15 @@ CASE_KEYS = {  # --cases names for the step cases' labels
     "trl": "trl bf16 (its defaults)",
     "ours-compiled": "ours compiled",
     "trl-fp32": "trl fp32",
+    "trl-fp32-medium": "trl fp32, medium float32 matmuls",
     "ours-fp32": "ours fp32",
+    "ours-highest": "ours, highest float32 matmuls",  # our defaults with torch's default float32 matmuls
     "ours-bf16": "ours bf16",
     "ours-1thread": "ours 1 thread",
     "trl-reuse": "trl defaults + host memory reuse",  # trainer.reuse_host_memory's malloc setting in TRL's process
 }
-TRL_CASES = ("trl bf16 (its defaults)", "trl fp32")  # the ratio column is against the faster of these
+# the ratio column is against the fastest of these
+TRL_CASES = ("trl bf16 (its defaults)", "trl fp32", "trl fp32, medium float32 matmuls")
 
 
 def pick_cases(cases: dict[str, dict], wanted: str) -> dict[str, dict]:
@@ -231,7 +241,8 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
             flops, frac = learner_fraction(r)
             ratio = f"{r['step'] / base:.2f}x" if base else "–"
             print(
-                f"| {model} | {name} | {r.get('precision', '?')}, {r.get('threads', '?')} "
+                f"| {model} | {name} | {r.get('precision', '?')}, {r.get('threads', '?')}"
+                f"{'' if r.get('fp32_matmul', 'highest') == 'highest' else ', fp32 ' + r['fp32_matmul']} "
                 f"| {r['generate']:.2f} | {r['verify']:.3f} | {r['old_ref']:.2f} "
                 f"| {r['update']:.2f} | {r['sync']:.3f} | {r['step']:.2f} | {ratio} | {r['new_tokens']:.0f} "
                 f"| {r['new_tokens'] / r['step']:.0f} | {flops / 1e9:.1f} | {frac:.0%} "

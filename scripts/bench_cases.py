@@ -171,6 +171,7 @@ def ours(case: dict) -> dict:
     )
     out.update(fp32_rate=matmul_rate(torch.float32), bf16_rate=matmul_rate(torch.bfloat16))
     out.update(precision=settings.precision, threads=settings.threads, profiles=profiles)
+    out.update(fp32_matmul=settings.fp32_matmul)
     return out
 
 
@@ -254,6 +255,8 @@ def trl(case: dict) -> dict:
         seed=0,
         dataloader_num_workers=0,
     )
+    if case.get("fp32_matmul"):
+        torch.set_float32_matmul_precision(case["fp32_matmul"])
     rss0 = maxrss_bytes()
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     trainer = GRPOTrainer(
@@ -321,6 +324,7 @@ def trl(case: dict) -> dict:
 
     out.update(trl_version=trl_module.__version__, transformers_version=transformers.__version__)
     out.update(precision="bf16" if case["bf16"] else "fp32", threads=torch.get_num_threads())
+    out.update(fp32_matmul=torch.get_float32_matmul_precision())
     return out
 
 

@@ -37,6 +37,7 @@ FAST = [
     # the tests' numerics and speed do not depend on the machine: fp32 (exact comparisons, bit-equal
     # resumes) on one torch thread (runs in this process would otherwise set the cores it may use)
     "trainer.precision=fp32",
+    "trainer.fp32_matmul=highest",
     "trainer.threads=1",
 ]
 
@@ -52,6 +53,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision():
+    """Runs in this process set torch's float32 matmul precision (trainer.fp32_matmul): the next test
+    starts from torch's default again."""
+    yield
+    torch.set_float32_matmul_precision("highest")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,6 +32,11 @@ def _rates(monkeypatch, fp32: float, bf16: float) -> None:
     monkeypatch.setattr(host, "matmul_rates", lambda *a, **k: {"fp32": fp32, "bf16": bf16})
 
 
+def _fp32_probe(monkeypatch, highest: float, medium: float, error: float) -> None:
+    probe = {"highest": highest, "medium": medium, "error": error}
+    monkeypatch.setattr(host, "fp32_matmul_probe", lambda *a, **k: probe)
+
+
 def _no_probe(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the matmul probe ran")
@@ -78,6 +83,49 @@ def test_auto_precision_on_cuda_asks_the_gpu(monkeypatch, supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
     t = TrainerConfig(threads=1, precision="auto", reuse_host_memory=False)
     assert host.configure(t, torch.device("cuda", 0)).precision == expected == t.precision
+
+
+# ---------------------------------------------------------------------------------- float32 matmuls
+
+
+@pytest.mark.parametrize(
+    ("highest", "medium", "error", "expected"),
+    [
+        (150.0, 400.0, 8e-7, "medium"),  # faster and as accurate as float32 (oneDNN on an AMD EPYC)
+        (150.0, 900.0, 4e-3, "highest"),  # faster because it rounds to bf16: refused
+        (150.0, 160.0, 8e-7, "highest"),  # within the margin
+    ],
+)
+def test_auto_fp32_matmul_follows_the_probe(monkeypatch, highest, medium, error, expected):
+    _fp32_probe(monkeypatch, highest, medium, error)
+    _rates(monkeypatch, 100.0, 300.0)
+    t = TrainerConfig(threads=1, precision="auto", fp32_matmul="auto", reuse_host_memory=False)
+    settings = host.configure(t, "cpu")
+    assert t.fp32_matmul == settings.fp32_matmul == torch.get_float32_matmul_precision() == expected
+    assert (
+        f"float32 matmuls {expected} (auto: 512x512 medium {medium / highest:.2f}x highest's rate, "
+        f"relative error {error:.1e})" in settings.line
+    )
+
+
+def test_explicit_fp32_matmul_wins_and_gpus_keep_float32(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the float32 matmul probe ran")
+
+    monkeypatch.setattr(host, "fp32_matmul_probe", fail)
+    t = TrainerConfig(threads=1, precision="fp32", fp32_matmul="medium", reuse_host_memory=False)
+    assert host.configure(t, "cpu").fp32_matmul == "medium" == torch.get_float32_matmul_precision()
+    assert "float32 matmuls medium (set)" in host.configure(t, "cpu").line
+    assert host.auto_fp32_matmul(torch.device("cuda", 0)) == ("highest", "float32 on cuda")  # TF32 there
+
+
+def test_fp32_matmul_probe_measures_speed_and_error_and_leaves_the_setting():
+    torch.set_float32_matmul_precision("high")
+    probe = host.fp32_matmul_probe(size=64, repeats=2)
+    assert torch.get_float32_matmul_precision() == "high"
+    assert set(probe) == {"highest", "medium", "error"}
+    assert probe["highest"] > 0 and probe["medium"] > 0
+    assert 0 <= probe["error"] < 1e-2  # float32 (~1e-7) or, where medium rounds to bf16, ~1e-3
 
 
 def test_probe_measures_both_dtypes_with_a_positive_rate():
@@ -174,7 +222,7 @@ def test_zero_threads_keep_torchs_default(monkeypatch):
 
 def test_defaults_are_auto_and_numbers_compose_as_ints():
     t = make_cfg().trainer
-    assert (t.threads, t.precision) == ("auto", "auto")
+    assert (t.threads, t.precision, t.fp32_matmul) == ("auto", "auto", "auto")
     assert make_cfg("trainer.threads=4").trainer.threads == 4
     assert problems(make_cfg("trainer.threads=4", "trainer.precision=bf16")) == []
     assert problems(make_cfg("trainer.threads=0", "trainer.precision=fp32")) == []
@@ -186,6 +234,10 @@ def test_defaults_are_auto_and_numbers_compose_as_ints():
         ("trainer.threads=-3", "trainer.threads=-3 is not valid; choose one of: auto, a number ≥ 1, 0"),
         ("trainer.threads=many", "trainer.threads='many' is not valid; choose one of: auto, a number ≥ 1"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16"),
+        (
+            "trainer.fp32_matmul=tf32",
+            "trainer.fp32_matmul='tf32' is not valid; choose one of: auto, highest, medium",
+        ),
     ],
 )
 def test_invalid_values_are_one_line_errors(override, message):
@@ -202,6 +254,7 @@ def test_plan_shows_the_settings():
     precision = next(line for line in lines if line.split()[:1] == ["precision"])
     assert f"auto (resolved at start: {host.auto_threads()} here" in threads
     assert "auto (resolved at start: bf16 " in precision
+    assert any("float32 matmuls" in line and "auto (resolved at start: medium " in line for line in lines)
     lines = plan_lines(make_cfg("trainer.threads=2", "trainer.precision=fp32"))
     assert any(line.split() == ["threads", "2"] for line in lines)
     assert any(line.split() == ["precision", "fp32"] for line in lines)
@@ -215,26 +268,30 @@ def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
 
     _cores(monkeypatch, 1)
     _rates(monkeypatch, 100.0, 300.0)
+    _fp32_probe(monkeypatch, 150.0, 400.0, 8e-7)
     used = set()  # the precision the learner's forwards ran in
     forward = Scorer.forward
     monkeypatch.setattr(
         Scorer, "forward", lambda self, mb, **kw: used.add(kw["precision"]) or forward(self, mb, **kw)
     )
-    cfg = make_cfg(*FAST, "trainer.steps=1", "trainer.threads=auto", "trainer.precision=auto")
+    cfg = make_cfg(
+        *FAST, "trainer.steps=1", "trainer.threads=auto", "trainer.precision=auto", "trainer.fp32_matmul=auto"
+    )
     with caplog.at_level(logging.INFO, logger="trgrpo"):
         run(cfg, tmp_path)
     assert used == {"bf16"}
     status = json.loads((tmp_path / "run.json").read_text())
-    assert (status["threads"], status["precision"]) == (1, "bf16")
+    assert (status["threads"], status["precision"], status["fp32_matmul"]) == (1, "bf16", "medium")
     assert status["matmul_gflops"] == {"fp32": 100.0, "bf16": 300.0}
     saved = (tmp_path / ".hydra" / "config.yaml").read_text()  # written by run without Hydra
-    assert "  threads: 1\n" in saved and "  precision: bf16\n" in saved
+    assert "  threads: 1\n" in saved and "  precision: bf16\n" in saved and "  fp32_matmul: medium\n" in saved
     state = checkpoint.load_state(tmp_path / "checkpoints" / "step_1")  # the config resume checks
     assert (state["config"]["trainer"]["threads"], state["config"]["trainer"]["precision"]) == (1, "bf16")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("host: ")]
     assert lines == [
         "host: torch threads 1 (auto: 1 usable cores), precision bf16 "
-        "(auto: 512x512 matmul fp32 100.0 GFLOP/s, bf16 300.0 GFLOP/s)"
+        "(auto: 512x512 matmul fp32 100.0 GFLOP/s, bf16 300.0 GFLOP/s), float32 matmuls medium "
+        "(auto: 512x512 medium 2.67x highest's rate, relative error 8.0e-07)"
     ]
 
 

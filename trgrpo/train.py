@@ -233,6 +233,7 @@ def _start_fields(cfg: Config, start: int, resume_from: Path | None, host_settin
         checkpoint_error=None,
         threads=host_settings.threads,
         precision=host_settings.precision,
+        fp32_matmul=cfg.trainer.fp32_matmul,
         matmul_gflops=host_settings.gflops,
     )
 
@@ -260,7 +261,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir.resolve())
     host_settings = host.configure(t, device)  # resolves threads/precision=auto into cfg: recorded below
-    t.precision = distributed.broadcast(t.precision)  # under torchrun every rank takes rank 0's probe
+    t.precision = distributed.broadcast(t.precision)  # under torchrun every rank takes rank 0's probes
+    t.fp32_matmul = distributed.broadcast(t.fp32_matmul)
+    torch.set_float32_matmul_precision(t.fp32_matmul)
     config = dataclasses.asdict(cfg)
     resume_from, state = checkpoint.resume_state(t.resume, run_dir, config, force=t.resume_force)
     start = state["step"] if state is not None else 0

@@ -116,6 +116,7 @@ def _run_rows(cfg: Config) -> list[Row]:
         ("device", cfg.trainer.device),
         ("threads", _threads_text(cfg.trainer.threads)),
         ("precision", _precision_text(cfg.trainer.precision)),
+        ("float32 matmuls", _fp32_matmul_text(cfg.trainer.fp32_matmul)),
     ]
 
 
@@ -149,6 +150,12 @@ def _precision_text(precision: str) -> str:
             "auto (resolved at start: bf16 on a GPU with bf16, or where a CPU matmul probe finds it faster)"
         )
     return precision
+
+
+def _fp32_matmul_text(value: str) -> str:
+    if value == "auto":
+        return "auto (resolved at start: medium on a CPU where a probe finds it faster and as accurate)"
+    return value
 
 
 def _batch_rows(cfg: Config) -> list[Row]:

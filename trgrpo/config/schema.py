@@ -206,6 +206,10 @@ class TrainerConfig:
     # auto | fp32 | bf16: autocast of the learner's forward/backward (fp32 master weights); auto = bf16
     # on a GPU that supports it, on CPU where a matmul probe at start finds bf16 faster (trgrpo/run/host.py)
     precision: str = "auto"
+    # auto | highest | medium: torch.set_float32_matmul_precision for the float32 matmuls (the lm_head,
+    # fp32 runs); auto = medium on CPU where a probe at start finds it faster with float32's accuracy
+    # (oneDNN's float32 kernels: 2-4x MKL's on an AMD EPYC), else highest (torch's default)
+    fp32_matmul: str = "auto"
     gradient_checkpointing: bool = False  # recompute the model body's activations in backward (less memory)
     share_prompts: bool = True  # learner: one body pass per distinct prompt, its G samples continue from it
     # packed micro-batches (one row, no padding): auto = where the model's attention has varlen kernels

@@ -29,6 +29,7 @@ ENGINES = ("hf", "vllm")
 HF_DECODES = ("auto", "shared_prefix", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16")
+FP32_MATMULS = ("auto", "highest", "medium")
 THREADS = ("auto", "a number ≥ 1", "0 (torch's default)")
 
 
@@ -51,7 +52,7 @@ def _one_of(value: object, valid: tuple, key: str) -> list[str]:
 
 
 def host_problems(t: TrainerConfig) -> list[str]:
-    """trainer.threads and trainer.precision (also checked by host.configure: eval and build-tiny run
+    """trainer.threads, trainer.fp32_matmul and trainer.precision (also checked by host.configure: eval and build-tiny run
     without `validate`)."""
     threads = t.threads
     if isinstance(threads, str):
@@ -59,6 +60,7 @@ def host_problems(t: TrainerConfig) -> list[str]:
     else:
         ok = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0
     out = [] if ok else [f"trainer.threads={threads!r} is not valid; choose one of: {', '.join(THREADS)}"]
+    out += _one_of(t.fp32_matmul, FP32_MATMULS, "trainer.fp32_matmul")
     return out + _one_of(t.precision, PRECISIONS, "trainer.precision")
 
 

@@ -262,7 +262,8 @@ def sample(
             hidden = forward(t)
             with torch.autocast(device.type, enabled=False):  # the head in float32, as the learner's
                 logits = head(hidden.to(head.weight.dtype)).float()
-            logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+            scaled = logits / temperature if temperature > 0 and temperature != 1.0 else logits
+            logprobs = torch.log_softmax(scaled, dim=-1)
             token = logits.argmax(-1) if temperature <= 0 else _draw(logprobs, top_p)
             token = torch.where(live, token, pad_id)
             out_ids[:, t] = token

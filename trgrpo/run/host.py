@@ -10,6 +10,14 @@ records (run.json, the log) what it ran with:
   matmul probe (~0.05 s) finds bf16 faster than fp32. An AMD EPYC with avx512_bf16 ran bf16 matmuls
   2-3.5x faster than fp32, an Intel Xeon with avx512_bf16 too at about half fp32's rate
   (docs/BENCHMARKS.md): the choice comes from the measurement, never from the CPU's name or flags.
+- `trainer.fp32_matmul=auto`: torch's float32 matmul precision (`torch.set_float32_matmul_precision`)
+  for the matmuls that stay float32 (the lm_head in the learner and the sampler, all of an fp32 run).
+  Under "medium" torch may route them through oneDNN with bfloat16 inside; on an AMD EPYC (no AMX)
+  oneDNN ran them as float32, 2-4x faster than MKL's kernels and with float32's rounding (a relative
+  error ~1e-6 against float64, where bf16 inside gives ~4e-3). `auto` takes "medium" on CPU only where
+  a probe at start finds both: at least `FP32_MARGIN` faster, and an error within `FP32_TOLERANCE`
+  of the exact product; "highest" (torch's default) otherwise and on GPUs (TF32 there is ~1e-3). It
+  runs before the bf16 probe, which then compares bf16 with the float32 rate in effect.
 
 Freed memory: glibc hands large blocks back to the kernel when they are freed (mmap'd blocks above a
 moving threshold; the heap top above twice that). Every learner step frees its activations and
@@ -46,6 +54,10 @@ TRIM_THRESHOLD = 1 << 30
 PROBE_SIZE = 512  # the probe multiplies two PROBE_SIZE × PROBE_SIZE matrices (0.27 GFLOP)
 PROBE_REPEATS = 5  # timed matmuls per dtype after one warm-up; the fastest counts
 BF16_MARGIN = 1.1  # bf16 must be this much faster: autocast adds casts, and at a tie fp32 is exact
+FP32_MARGIN = 1.2  # "medium" float32 matmuls must be this much faster than "highest"
+# max |medium - exact| / max |exact| of the probe's product: float32 rounding gives ~4e-7 at 512,
+# TF32 ~5e-4, bf16 ~4e-3, bf16x3 ~1e-5
+FP32_TOLERANCE = 4e-6
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class HostSettings:
     precision: str  # fp32 | bf16
     gflops: dict[str, float] | None  # the probe's matmul rates (fp32, bf16) when precision=auto measured them
     line: str
+    fp32_matmul: str = "highest"  # torch's float32 matmul precision now in effect
 
 
 def configure(trainer: TrainerConfig, device: torch.device | str = "cpu") -> HostSettings:
@@ -77,6 +90,12 @@ def configure(trainer: TrainerConfig, device: torch.device | str = "cpu") -> Hos
     else:
         threads_from = "0: torch's default"
     trainer.threads = torch.get_num_threads()
+    if trainer.fp32_matmul == "auto":
+        trainer.fp32_matmul, why = auto_fp32_matmul(device)
+        fp32_from = f"auto: {why}"
+    else:
+        fp32_from = "set"
+    torch.set_float32_matmul_precision(trainer.fp32_matmul)
     gflops = None
     if trainer.precision == "auto":
         trainer.precision, gflops, why = auto_precision(device)
@@ -87,10 +106,11 @@ def configure(trainer: TrainerConfig, device: torch.device | str = "cpu") -> Hos
         reuse_freed_memory()
     line = (
         f"host: torch threads {trainer.threads} ({threads_from}), "
-        f"precision {trainer.precision} ({precision_from})"
+        f"precision {trainer.precision} ({precision_from}), "
+        f"float32 matmuls {trainer.fp32_matmul} ({fp32_from})"
     )
     log.info(line)
-    return HostSettings(trainer.threads, trainer.precision, gflops, line)
+    return HostSettings(trainer.threads, trainer.precision, gflops, line, trainer.fp32_matmul)
 
 
 def usable_cores() -> int:
@@ -176,6 +196,42 @@ def matmul_rates(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict[s
     return rates
 
 
+def fp32_matmul_probe(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict[str, float]:
+    """A size × size float32 matmul on the CPU under torch's "highest" and "medium" precision: each one's
+    GFLOP/s (fastest of `repeats` after a warm-up) and medium's error, max |medium − exact| / max |exact|
+    against float64. Torch's precision is left as it was."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    saved = torch.get_float32_matmul_precision()
+    out: dict[str, float] = {}
+    try:
+        for name in ("highest", "medium"):
+            torch.set_float32_matmul_precision(name)
+            product = torch.mm(a, b)  # warm-up
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - start)
+            out[name] = 2 * size**3 / max(best, 1e-9) / 1e9
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    exact = torch.mm(a.double(), b.double())
+    out["error"] = float((product.double() - exact).abs().max() / exact.abs().max())
+    return out
+
+
+def auto_fp32_matmul(device: torch.device) -> tuple[str, str]:
+    """trainer.fp32_matmul=auto on `device`: (highest | medium, why)."""
+    if device.type != "cpu":
+        return "highest", f"float32 on {device.type}"
+    probe = fp32_matmul_probe()
+    speed, error = probe["medium"] / probe["highest"], probe["error"]
+    choice = "medium" if speed >= FP32_MARGIN and error <= FP32_TOLERANCE else "highest"
+    why = f"{PROBE_SIZE}x{PROBE_SIZE} medium {speed:.2f}x highest's rate, relative error {error:.1e}"
+    return choice, why
+
+
 def auto_precision(device: torch.device) -> tuple[str, dict[str, float] | None, str]:
     """trainer.precision=auto on `device`: (fp32 | bf16, the probe's GFLOP/s or None, why)."""
     if device.type == "cuda":
@@ -184,7 +240,7 @@ def auto_precision(device: torch.device) -> tuple[str, dict[str, float] | None, 
         return "fp32", None, "the GPU lacks bf16"
     if device.type != "cpu":
         return "fp32", None, f"no bf16 probe on {device.type}"
-    rates = matmul_rates()
+    rates = matmul_rates()  # fp32 at the float32 matmul precision now in effect
     choice = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"
     size = f"{PROBE_SIZE}x{PROBE_SIZE}"
     why = f"{size} matmul fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s"
