@@ -85,18 +85,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_too_many_nonfinite_steps_abort_with_a_clean_error(tiny, tmp_path):
+def _train_failing(script: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`trgrpo train` through `script` (which patches something, then calls the CLI) in a subprocess:
+    it must exit 1 without a traceback."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            NAN_CLI,
-            "train",
-            *FAST,
-            "trainer.steps=6",
-            "trainer.max_bad_steps=2",
-            f"hydra.run.dir={tmp_path}",
-        ],
+        [sys.executable, "-c", script, "train", *FAST, *overrides, f"hydra.run.dir={run_dir}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -105,6 +98,11 @@ def test_too_many_nonfinite_steps_abort_with_a_clean_error(tiny, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-3000:]
     assert "Traceback" not in output
+    return done
+
+
+def test_too_many_nonfinite_steps_abort_with_a_clean_error(tiny, tmp_path):
+    done = _train_failing(NAN_CLI, tmp_path, "trainer.steps=6", "trainer.max_bad_steps=2")
     assert "trgrpo train: error: 2 optimizer steps in a row had a non-finite loss" in done.stderr
     status = _status(tmp_path)
     assert status["status"] == "failed" and "non-finite" in status["error"]
@@ -124,25 +122,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_verifier_workers_that_cannot_start_end_the_run_with_a_clean_error(tiny, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            BROKEN_VERIFIERS_CLI.format(tests=str(Path(__file__).parent)),
-            "train",
-            *FAST,
-            "trainer.steps=2",
-            "trainer.verify_workers=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ),
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 1, output[-3000:]
-    assert "Traceback" not in done.stderr
+    script = BROKEN_VERIFIERS_CLI.format(tests=str(Path(__file__).parent))
+    done = _train_failing(script, tmp_path, "trainer.steps=2", "trainer.verify_workers=1")
     assert (
         "trgrpo train: error: the verifier worker could not build the task (ImportError: no module named "
         "'verifier_backend'); trainer.verify_workers=0 verifies in the training process" in done.stderr

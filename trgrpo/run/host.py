@@ -183,17 +183,20 @@ def matmul_rates(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict[s
     the fastest of `repeats` after a warm-up (its own generator: the global RNG is left alone)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        x, y = a.to(dtype), b.to(dtype)
-        torch.mm(x, y)  # warm-up: kernel choice, thread pool, buffers
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(x, y)
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * size**3 / max(best, 1e-9) / 1e9
-    return rates
+    dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    return {name: _mm_rate(a.to(dtype), b.to(dtype), repeats) for name, dtype in dtypes}
+
+
+def _mm_rate(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    """GFLOP/s of a @ b (square): the fastest of `repeats` after a warm-up (kernel choice, thread pool,
+    buffers)."""
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.shape[0] ** 3 / max(best, 1e-9) / 1e9
 
 
 def fp32_matmul_probe(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> dict[str, float]:
@@ -207,13 +210,8 @@ def fp32_matmul_probe(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> d
     try:
         for name in ("highest", "medium"):
             torch.set_float32_matmul_precision(name)
-            product = torch.mm(a, b)  # warm-up
-            best = math.inf
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.mm(a, b)
-                best = min(best, time.perf_counter() - start)
-            out[name] = 2 * size**3 / max(best, 1e-9) / 1e9
+            out[name] = _mm_rate(a, b, repeats)
+        product = torch.mm(a, b)  # under medium
     finally:
         torch.set_float32_matmul_precision(saved)
     exact = torch.mm(a.double(), b.double())
