@@ -162,6 +162,7 @@ def step_cases(model_dir: Path, model: str, args) -> dict[str, dict]:
         "ours, highest float32 matmuls": dict(
             kind="ours", overrides=[*ours, "trainer.fp32_matmul=highest"], **common_ours
         ),
+        "ours, eager decode": dict(kind="ours", overrides=[*ours, "rollout.compile=false"], **common_ours),
         "ours bf16": dict(kind="ours", overrides=[*ours, "trainer.precision=bf16"], **common_ours),
         "ours 1 thread": dict(kind="ours", overrides=[*ours, "trainer.threads=1"], **common_ours),
         "trl defaults + host memory reuse": dict(
@@ -178,6 +179,7 @@ CASE_KEYS = {  # --cases names for the step cases' labels
     "trl-fp32-medium": "trl fp32, medium float32 matmuls",
     "ours-fp32": "ours fp32",
     "ours-highest": "ours, highest float32 matmuls",  # our defaults with torch's default float32 matmuls
+    "ours-eager": "ours, eager decode",  # our defaults without the compiled decode step
     "ours-bf16": "ours bf16",
     "ours-1thread": "ours 1 thread",
     "trl-reuse": "trl defaults + host memory reuse",  # trainer.reuse_host_memory's malloc setting in TRL's process
@@ -242,7 +244,8 @@ def print_step_table(results: dict[str, dict[str, dict]], args) -> None:
             ratio = f"{r['step'] / base:.2f}x" if base else "–"
             print(
                 f"| {model} | {name} | {r.get('precision', '?')}, {r.get('threads', '?')}"
-                f"{'' if r.get('fp32_matmul', 'highest') == 'highest' else ', fp32 ' + r['fp32_matmul']} "
+                f"{'' if r.get('fp32_matmul', 'highest') == 'highest' else ', fp32 ' + r['fp32_matmul']}"
+                f"{', compiled decode' if r.get('decode_compile') == 'true' else ''} "
                 f"| {r['generate']:.2f} | {r['verify']:.3f} | {r['old_ref']:.2f} "
                 f"| {r['update']:.2f} | {r['sync']:.3f} | {r['step']:.2f} | {ratio} | {r['new_tokens']:.0f} "
                 f"| {r['new_tokens'] / r['step']:.0f} | {flops / 1e9:.1f} | {frac:.0%} "

@@ -171,7 +171,7 @@ def ours(case: dict) -> dict:
     )
     out.update(fp32_rate=matmul_rate(torch.float32), bf16_rate=matmul_rate(torch.bfloat16))
     out.update(precision=settings.precision, threads=settings.threads, profiles=profiles)
-    out.update(fp32_matmul=settings.fp32_matmul)
+    out.update(fp32_matmul=settings.fp32_matmul, decode_compile=r.compile)  # resolved by make_engine
     return out
 
 

@@ -39,6 +39,8 @@ FAST = [
     "trainer.precision=fp32",
     "trainer.fp32_matmul=highest",
     "trainer.threads=1",
+    # eager decoding: compiling each test's fresh model shapes would cost more than it saves
+    "rollout.compile=false",
 ]
 
 # FAST for a test that picks its own task= (demo_style exists on task=math only)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from trgrpo.config.plan import plan_lines
 from trgrpo.config.schema import ConfigError, TrainerConfig
 from trgrpo.config.validation import problems
 from trgrpo.learner.logprobs import Scorer
+from trgrpo.rollout import prefix_decode
 from trgrpo.run import checkpoint, host
 
 
@@ -255,6 +257,15 @@ def test_plan_shows_the_settings():
     assert f"auto (resolved at start: {host.auto_threads()} here" in threads
     assert "auto (resolved at start: bf16 " in precision
     assert any("float32 matmuls" in line and "auto (resolved at start: medium " in line for line in lines)
+    assert any(
+        line.split()[:2] == ["decode", "step"] and "torch.compile'd on a CPU with" in line for line in lines
+    )
+    (decode,) = [
+        line
+        for line in plan_lines(make_cfg("rollout.compile=false"))
+        if line.split()[:2] == ["decode", "step"]
+    ]
+    assert decode.split()[2:] == ["eager", "(rollout.compile=false)"]
     lines = plan_lines(make_cfg("trainer.threads=2", "trainer.precision=fp32"))
     assert any(line.split() == ["threads", "2"] for line in lines)
     assert any(line.split() == ["precision", "fp32"] for line in lines)
@@ -274,17 +285,31 @@ def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(
         Scorer, "forward", lambda self, mb, **kw: used.add(kw["precision"]) or forward(self, mb, **kw)
     )
+    compiled = []  # decode steps through the compiled layers (rollout.compile=auto: a C++ compiler here)
+    layer = prefix_decode._compiled_layer
+    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: compiled.append(1) or layer())
+    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    monkeypatch.delenv("CXX", raising=False)
+    compiler = shutil.which("g++")
     cfg = make_cfg(
-        *FAST, "trainer.steps=1", "trainer.threads=auto", "trainer.precision=auto", "trainer.fp32_matmul=auto"
+        *FAST,
+        "trainer.steps=1",
+        "trainer.threads=auto",
+        "trainer.precision=auto",
+        "trainer.fp32_matmul=auto",
+        "rollout.compile=auto",
     )
     with caplog.at_level(logging.INFO, logger="trgrpo"):
         run(cfg, tmp_path)
     assert used == {"bf16"}
+    assert bool(compiled) == (compiler is not None) and not prefix_decode._compile_failed
     status = json.loads((tmp_path / "run.json").read_text())
     assert (status["threads"], status["precision"], status["fp32_matmul"]) == (1, "bf16", "medium")
+    assert status["decode_compile"] == ("true" if compiler else "false")
     assert status["matmul_gflops"] == {"fp32": 100.0, "bf16": 300.0}
     saved = (tmp_path / ".hydra" / "config.yaml").read_text()  # written by run without Hydra
     assert "  threads: 1\n" in saved and "  precision: bf16\n" in saved and "  fp32_matmul: medium\n" in saved
+    assert f"  compile: '{status['decode_compile']}'\n" in saved
     state = checkpoint.load_state(tmp_path / "checkpoints" / "step_1")  # the config resume checks
     assert (state["config"]["trainer"]["threads"], state["config"]["trainer"]["precision"]) == (1, "bf16")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("host: ")]

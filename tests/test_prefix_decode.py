@@ -6,6 +6,8 @@ query/key-norm architectures too)."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -308,3 +310,106 @@ def test_bf16_caches_are_bf16_and_logprobs_stay_close_to_fp32(tiny, monkeypatch)
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(c.logprobs), expected, atol=0.1), k
+
+
+def _teacher_forced(model, prompts, completions, n: int) -> list[torch.Tensor]:
+    """Each completion's log-probs from one plain fp32 forward over prompt + completion."""
+    out = []
+    for k, c in enumerate(completions):
+        prompt = prompts[k // n]
+        ids = torch.tensor([prompt + list(c.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1))
+    return out
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX") or "g++") is None, reason="inductor needs a C++ compiler on CPU"
+)
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_compiled_decode_step_samples_the_models_distribution(tiny, kind, monkeypatch):
+    """rollout.compile: the decode step's layers through torch.compile. In fp32 the same tokens and
+    log-probs as the eager step (fusion changes only float32 rounding); under bf16 (where fused kernels
+    round once instead of per op) every sampled token's log-prob within bf16 rounding of the fp32
+    teacher-forced one. The compiled path is the one taken, and nothing fell back."""
+    model, tokenizer, _ = tiny
+    if kind != "llama":
+        model = _random_model(kind, model.config.vocab_size)
+    prompts = _prompts(tokenizer)
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, n=3, seed=7)
+    used = []
+    compiled_layer = prefix_decode._compiled_layer
+    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: used.append(1) or compiled_layer())
+    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    eager = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, sampling)
+    assert not used
+    compiled = HFEngine(model, tokenizer, decode="shared_prefix", compile=True).generate(prompts, sampling)
+    assert used and not prefix_decode._compile_failed
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    for a, b in zip(compiled, eager):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    bf16 = HFEngine(model, tokenizer, decode="shared_prefix", precision="bf16", compile=True)
+    completions = bf16.generate(prompts, sampling)
+    assert not prefix_decode._compile_failed
+    for c, expected in zip(completions, _teacher_forced(model, prompts, completions, 3)):
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=0.1)
+
+
+def test_a_decode_step_that_cannot_compile_decodes_eager_and_says_so_once(tiny, monkeypatch, caplog):
+    """No C++ compiler, an inductor error: the failing step is recomputed eager (it rewrites the same
+    cache slots), one warning names the cause and the fix, and later steps and calls stay eager."""
+    model, tokenizer, _ = tiny
+    prompts = _prompts(tokenizer)
+    sampling = Sampling(temperature=1.0, max_new_tokens=8, n=2, seed=1)
+    expected = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, sampling)
+    attempts = []
+
+    def broken(*args):
+        attempts.append(1)
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: (broken, broken))
+    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    engine = HFEngine(model, tokenizer, decode="shared_prefix", compile=True)
+    with caplog.at_level("WARNING", logger="trgrpo"):
+        assert engine.generate(prompts, sampling) == expected
+        assert engine.generate(prompts, sampling) == expected
+    assert len(attempts) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "rollout.compile: torch.compile of the decode step failed (RuntimeError: InvalidCxxCompiler: No "
+        "working C++ compiler found); decoding without it (set rollout.compile=false to skip the attempt)"
+    ]
+
+
+def test_rollout_compile_auto_compiles_on_cpu_where_a_compiler_is_found(monkeypatch, caplog):
+    from trgrpo.config.schema import RolloutConfig
+    from trgrpo.rollout import decode_compile
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", {"g++": "/usr/bin/g++"}.get)
+    cfg = RolloutConfig()
+    with caplog.at_level("INFO", logger="trgrpo"):
+        assert decode_compile(cfg, "cpu") is True
+    assert cfg.compile == "true"  # resolved into the run's config
+    assert "rollout: decode step compiled (rollout.compile=auto: C++ compiler /usr/bin/g++)" in caplog.text
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    cfg = RolloutConfig()
+    assert decode_compile(cfg, "cpu") is False and cfg.compile == "false"
+    monkeypatch.setenv("CXX", "my-cxx")  # $CXX is the one inductor would use, not g++
+    monkeypatch.setattr("shutil.which", {"my-cxx": "/opt/my-cxx", "g++": "/usr/bin/g++"}.get)
+    assert decode_compile(RolloutConfig(), "cpu") is True
+    monkeypatch.setenv("CXX", "missing-cxx")
+    assert decode_compile(RolloutConfig(), "cpu") is False
+    assert decode_compile(RolloutConfig(), "cuda") is False  # not yet checked on a GPU
+    assert decode_compile(RolloutConfig(engine="vllm"), "cpu") is False
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert decode_compile(RolloutConfig(compile="true"), "cpu") is True  # set: no detection
+    assert decode_compile(RolloutConfig(compile="False"), "cpu") is False  # Hydra's bool, as a string
+
+
+def test_rollout_compile_must_be_auto_true_or_false():
+    (found,) = [p for p in problems(make_cfg("rollout.compile=sometimes")) if "rollout.compile" in p]
+    assert found == "rollout.compile='sometimes' is not valid; choose one of: auto, true, false"
+    assert not [p for p in problems(make_cfg("rollout.compile=true")) if "rollout.compile" in p]

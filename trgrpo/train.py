@@ -30,7 +30,7 @@ from trgrpo.evaluate import evaluate_examples
 from trgrpo.learner import fsdp
 from trgrpo.learner.learner import Learner, NonFiniteStep
 from trgrpo.models.load import context_limit, load_policy
-from trgrpo.rollout import make_engine
+from trgrpo.rollout import decode_compile, make_engine
 from trgrpo.rollout.collect import sample_and_score
 from trgrpo.run import checkpoint, distributed, host
 from trgrpo.run.interrupts import InterruptGuard
@@ -234,6 +234,7 @@ def _start_fields(cfg: Config, start: int, resume_from: Path | None, host_settin
         threads=host_settings.threads,
         precision=host_settings.precision,
         fp32_matmul=cfg.trainer.fp32_matmul,
+        decode_compile=cfg.rollout.compile,
         matmul_gflops=host_settings.gflops,
     )
 
@@ -264,6 +265,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, float]:
     t.precision = distributed.broadcast(t.precision)  # under torchrun every rank takes rank 0's probes
     t.fp32_matmul = distributed.broadcast(t.fp32_matmul)
     torch.set_float32_matmul_precision(t.fp32_matmul)
+    decode_compile(cfg.rollout, device)  # resolves rollout.compile=auto into cfg: recorded below
     config = dataclasses.asdict(cfg)
     resume_from, state = checkpoint.resume_state(t.resume, run_dir, config, force=t.resume_force)
     start = state["step"] if state is not None else 0

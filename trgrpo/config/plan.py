@@ -117,6 +117,7 @@ def _run_rows(cfg: Config) -> list[Row]:
         ("threads", _threads_text(cfg.trainer.threads)),
         ("precision", _precision_text(cfg.trainer.precision)),
         ("float32 matmuls", _fp32_matmul_text(cfg.trainer.fp32_matmul)),
+        ("decode step", _compile_text(r)),
     ]
 
 
@@ -156,6 +157,15 @@ def _fp32_matmul_text(value: str) -> str:
     if value == "auto":
         return "auto (resolved at start: medium on a CPU where a probe finds it faster and as accurate)"
     return value
+
+
+def _compile_text(r) -> str:
+    if r.engine != "hf":
+        return f"{r.engine}'s own"
+    value = str(r.compile).lower()
+    if value == "auto":
+        return "auto (resolved at start: torch.compile'd on a CPU with a C++ compiler, else eager)"
+    return "torch.compile'd (rollout.compile=true)" if value == "true" else "eager (rollout.compile=false)"
 
 
 def _batch_rows(cfg: Config) -> list[Row]:

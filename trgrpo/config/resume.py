@@ -32,6 +32,7 @@ FREE_KEYS = (
     "rollout.engine",
     "rollout.batch_size",
     "rollout.hf_decode",
+    "rollout.compile",
     "rollout.gpu_memory_utilization",
     "rollout.tensor_parallel_size",
     "rollout.sleep",

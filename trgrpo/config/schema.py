@@ -183,6 +183,10 @@ class RolloutConfig:
     top_p: float = 1.0
     batch_size: int = 0  # hf: prompts per generate call (0 = all at once)
     hf_decode: str = "auto"  # hf: auto | shared_prefix (where the model supports it) | generate
+    # hf, shared_prefix on Llama/Qwen/Mistral layers: auto | true | false, torch.compile the decode step
+    # (~0.7x its time; ~10-15 s of compilation per new shape, less from inductor's disk cache); auto =
+    # on CPU where a C++ compiler is found (GPUs: untested there, set true to try)
+    compile: str = "auto"
     gpu_memory_utilization: float = 0.4  # vllm on GPU: memory fraction for the engine
     tensor_parallel_size: int = 1  # vllm on GPU
     sleep: bool = True  # vllm on GPU: sleep the engine during learner phases

@@ -160,6 +160,10 @@ def problems(cfg: Config) -> list[str]:
         (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
         (r.batch_size >= 0, f"rollout.batch_size={r.batch_size} must be ≥ 0 (0 = all prompts at once)"),
         (
+            str(r.compile).lower() in ("auto", "true", "false"),
+            f"rollout.compile={r.compile!r} is not valid; choose one of: auto, true, false",
+        ),
+        (
             r.hf_decode in HF_DECODES,
             f"rollout.hf_decode={r.hf_decode!r} is not valid; choose one of: {', '.join(HF_DECODES)}",
         ),

@@ -31,7 +31,14 @@ from trgrpo.run.records import Completion, Sampling
 
 class HFEngine:
     def __init__(
-        self, model, tokenizer, *, batch_size: int = 0, decode: str = "auto", precision: str = "fp32"
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 0,
+        decode: str = "auto",
+        precision: str = "fp32",
+        compile: bool = False,
     ):
         self.model = model
         # bf16: the model body runs under autocast, as the learner's does (weights cast once per call:
@@ -48,6 +55,7 @@ class HFEngine:
                 f"{', '.join(prefix_decode.SUPPORTED_MODEL_TYPES)}): use rollout.hf_decode=auto or generate"
             )
         self.shared_prefix = decode == "shared_prefix" or (decode == "auto" and supported)
+        self.compile = compile  # rollout.compile: the shared-prefix decode step through torch.compile
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -115,6 +123,7 @@ class HFEngine:
             eos_ids=self.eos_ids,
             pad_id=self.tokenizer.pad_token_id,
             stop_check=self._stop_check(sampling.stop) if sampling.stop else None,
+            compile=self.compile,
         )
 
     def _stop_check(self, stops: tuple[str, ...]):

@@ -8,14 +8,17 @@ the G rows' queries of a group against the shared prompt, each row against its o
 so far, with one softmax over both. The same numbers as full attention up to float rounding (tested
 against `generate`).
 
-It runs the model's own layers (projections, rotary, norms) and swaps in only the attention
-function, through transformers' `AttentionInterface`, for the decode steps. Architectures whose
+For Llama, Qwen2/3 and Mistral decoder layers a decode step runs the layers itself (`_Step`: the
+model's own norms, rotary and weights, q/k/v and gate/up joined), optionally through torch.compile
+(rollout.compile); other layers of a supported model type run the model's forward with only the
+attention function swapped, through transformers' `AttentionInterface`. Architectures whose
 attention goes through that interface with full (not sliding-window) attention are supported;
 others use `generate` (`supports`).
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -26,6 +29,8 @@ from trgrpo.models.body import decoder, dynamic_cache, with_cache
 
 ATTENTION_NAME = "trgrpo_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+log = logging.getLogger("trgrpo")
 
 
 def supports(model) -> bool:
@@ -59,34 +64,62 @@ class _Prefix:
         self.step = t
         self.future[t] = 0.0
 
+    def store(self, layer: int, key: Tensor, value: Tensor) -> None:
+        """This step's key and value [rows, kv_heads, d] of every row, at position `step`."""
+        self.new_keys[layer][:, :, self.step] = key
+        self.new_values[layer][:, :, self.step] = value
+
+    def layer(self, layer: int) -> tuple[Tensor, ...]:
+        """What `_cascade` reads for one layer: own keys, own values, future mask, prompt keys, prompt
+        values, prompt padding bias."""
+        return (
+            self.new_keys[layer],
+            self.new_values[layer],
+            self.future,
+            self.keys[layer],
+            self.values[layer],
+            self.bias,
+        )
+
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **_):
     """One decode step (query length 1) through transformers' `AttentionInterface`; returns
     [rows, 1, heads, d]."""
     rows, heads, _, d = query.shape
-    out = _cascade(shared_prefix, module.layer_idx, query[:, :, -1], key[:, :, -1], value[:, :, -1], scaling)
+    state, layer = shared_prefix, module.layer_idx
+    state.store(layer, key[:, :, -1], value[:, :, -1])
+    out = _cascade(query[:, :, -1], *state.layer(layer), n=state.n, scaling=scaling)
     return out.to(query.dtype).reshape(rows, 1, heads, d), None
 
 
-def _cascade(state: _Prefix, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling) -> Tensor:
-    """Cascade attention of one decode step: query [rows, heads, d], this step's key and value
-    [rows, kv_heads, d]; returns [rows, heads, d] in the caches' dtype."""
-    t = state.step
-    state.new_keys[layer][:, :, t] = key
-    state.new_values[layer][:, :, t] = value
+def _cascade(
+    query: Tensor,
+    own_k: Tensor,
+    own_v: Tensor,
+    future: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    bias: Tensor,
+    *,
+    n: int,
+    scaling: float | None,
+) -> Tensor:
+    """Cascade attention of one decode step: query [rows, heads, d]; each row's generated keys and
+    values [rows, kv_heads, T, d] (this step's already stored) with `future` masking the positions not
+    yet decoded; the prompts' keys and values [prompts, kv_heads, P, d] with their padding `bias`, each
+    shared by `n` consecutive rows. Returns [rows, heads, d] in the caches' dtype."""
     rows, heads, d = query.shape
-    kv_heads = key.shape[1]
-    r, n = heads // kv_heads, state.n
+    kv_heads = own_k.shape[1]
+    r = heads // kv_heads
     prompts = rows // n
     scale = scaling if scaling is not None else d**-0.5
-    dtype = state.new_keys[layer].dtype
+    dtype = own_k.dtype
     q = (query.reshape(rows, kv_heads, r, d) * scale).to(dtype)  # query heads under their kv head (GQA)
     # Each row against the whole buffer of its generated keys, the positions not yet decoded masked:
     # a slice [:t+1] would be copied into a contiguous tensor by every matmul, a growing copy per
     # layer and step that cost more than the attention itself (most of a bf16 decode on CPU).
-    own_k, own_v = state.new_keys[layer], state.new_values[layer]
-    scores = q @ own_k.transpose(-1, -2) + state.future  # [rows, kv_heads, r, max_new_tokens]
-    width = state.keys[layer].shape[-2]
+    scores = q @ own_k.transpose(-1, -2) + future  # [rows, kv_heads, r, max_new_tokens]
+    width = keys.shape[-2]
     if width:
 
         def by_prompt(x):  # [rows, kv_heads, r, k] -> [prompts, kv_heads, n*r, k]
@@ -95,12 +128,12 @@ def _cascade(state: _Prefix, layer: int, query: Tensor, key: Tensor, value: Tens
         def by_row(x):  # the inverse of by_prompt
             return x.view(prompts, kv_heads, n, r, -1).transpose(1, 2).reshape(rows, kv_heads, r, -1)
 
-        shared = by_prompt(q) @ state.keys[layer].transpose(-1, -2) + state.bias
+        shared = by_prompt(q) @ keys.transpose(-1, -2) + bias
         scores = torch.cat([by_row(shared), scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     out = probs[..., width:] @ own_v
     if width:
-        out = out + by_row(by_prompt(probs[..., :width]) @ state.values[layer])
+        out = out + by_row(by_prompt(probs[..., :width]) @ values)
     return out.reshape(rows, heads, d)
 
 
@@ -128,6 +161,42 @@ def _joined(linears, dtype) -> tuple[Tensor, Tensor | None]:
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def _layer_input(hidden, norm, qkv, q_norm, k_norm, cos, sin, heads: int, kv_heads: int, dtype):
+    """A decoder layer's attention input for one token per row: q [rows, heads, d] and k, v
+    [rows, kv_heads, d]; q and k after (Qwen3: per-head RMSNorm and) rotary, in the stream's dtype."""
+    rows, d = hidden.shape[0], cos.shape[-1]
+    mixed = torch.nn.functional.linear(norm(hidden).to(dtype), *qkv)
+    qk = mixed[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
+    if q_norm is not None:
+        qk = torch.cat([q_norm(qk[:, :heads]), k_norm(qk[:, heads:])], dim=1)
+    half = d // 2
+    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+    return qk[:, :heads], qk[:, heads:], mixed[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
+
+
+def _layer_output(hidden, query, attended, n: int, scaling, out, norm, gate_up, down, act, dtype):
+    """The rest of the layer once this step's keys and values are stored: cascade attention over
+    `attended` (`_Prefix.layer`), the output projection and the gated MLP, each added to the stream."""
+    a = _cascade(query, *attended, n=n, scaling=scaling)
+    hidden = hidden + torch.nn.functional.linear(a.reshape(hidden.shape[0], -1), *out)
+    gate, up = torch.nn.functional.linear(norm(hidden).to(dtype), *gate_up).chunk(2, -1)
+    return hidden + torch.nn.functional.linear(act(gate) * up, *down)
+
+
+# torch.compile'd `_layer_input` and `_layer_output`, made once per process: every layer of every
+# model of the same architecture and shapes reuses one compiled graph each (dynamo guards on the
+# modules' classes and the tensors' shapes, not on which layer passes them).
+_COMPILED: dict[str, object] = {}
+_compile_failed: list[str] = []  # why compilation failed in this process (then every step runs eager)
+
+
+def _compiled_layer():
+    if not _COMPILED:
+        _COMPILED["input"] = torch.compile(_layer_input, dynamic=None)
+        _COMPILED["output"] = torch.compile(_layer_output, dynamic=None)
+    return _COMPILED["input"], _COMPILED["output"]
+
+
 class _Step:
     """One decode step of the whole body, for the decoder layers in `_STEP_LAYERS`, without
     transformers' per-call machinery (keyword plumbing, masks, hooks: most of the ~1,150 ops a step of
@@ -138,10 +207,18 @@ class _Step:
     outputs added to the stream, and q and k after rotary in the stream's dtype (tested against the
     transformers path). The joined weights are copies in `dtype`, made per `sample` call (the weights
     change at every optimizer step): under bf16 they take the place of the bf16 copies autocast would
-    cache; in fp32 they are three quarters of the body's size, less than the gradients an update holds."""
+    cache; in fp32 they are three quarters of the body's size, less than the gradients an update holds.
 
-    def __init__(self, body, dtype: torch.dtype):
-        self.body, self.dtype = body, dtype
+    `compile` (rollout.compile) runs each layer's two halves through `torch.compile` (inductor): the
+    norms, rotary, masking, softmax and SwiGLU fuse into a few kernels around the matmuls (0.65x of
+    the eager sampling time on the ~10M bench model, docs/BENCHMARKS.md). The first call per new shape
+    compiles (~10-15 s on 2 cores, ~2 s from inductor's on-disk cache); fused kernels round bf16
+    intermediates once instead of per op, so samples are not bit-identical to the eager step's (the
+    same distribution; tested close to the model's forward). Where compilation fails (no C++ compiler,
+    an inductor error) the step logs why once and runs eager for the rest of the process."""
+
+    def __init__(self, body, dtype: torch.dtype, compile: bool = False):
+        self.body, self.dtype, self.compile = body, dtype, compile and not _compile_failed
         self.layers = []
         for layer in body.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -159,39 +236,64 @@ class _Step:
         config = body.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
 
     @classmethod
-    def build(cls, model, dtype: torch.dtype) -> _Step | None:
+    def build(cls, model, dtype: torch.dtype, compile: bool = False) -> _Step | None:
         """The step for this model, or None where its layers are not ones it reproduces."""
         body = decoder(model)
         if not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
             return None
         if any(type(layer).__name__ not in _STEP_LAYERS for layer in body.layers):
             return None
-        return cls(body, dtype)
+        return cls(body, dtype, compile)
 
     def __call__(self, token: Tensor, position: Tensor, state: _Prefix) -> Tensor:
         """The final hidden state [rows, hidden] of each row's next token at its position."""
-        rows, heads, kv_heads, d = token.shape[0], self.heads, self.kv_heads, self.head_dim
+        if self.compile:
+            try:
+                return self._run(token, position, state, *_compiled_layer())
+            except Exception as err:  # any compiler failure: decode eager instead
+                _compile_failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
+                log.warning(
+                    "rollout.compile: torch.compile of the decode step failed (%s); decoding without it "
+                    "(set rollout.compile=false to skip the attempt)",
+                    _compile_failed[0],
+                )
+                self.compile = False
+        # Eager. After a failed compiled step it is recomputed whole: it rewrites the same cache slots.
+        return self._run(token, position, state, _layer_input, _layer_output)
+
+    def _run(self, token: Tensor, position: Tensor, state: _Prefix, layer_input, layer_output) -> Tensor:
         hidden = self.body.embed_tokens(token)
         cos, sin = self.body.rotary_emb(hidden, position[:, None])  # [rows, 1, d], the stream's dtype
         for i, layer in enumerate(self.layers):
-            x = layer.norms[0](hidden).to(self.dtype)
-            qkv = torch.nn.functional.linear(x, *layer.qkv)
-            qk = qkv[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
-            q_norm = getattr(layer.attention, "q_norm", None)
-            if q_norm is not None:
-                qk = torch.cat([q_norm(qk[:, :heads]), layer.attention.k_norm(qk[:, heads:])], dim=1)
-            half = d // 2
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-            v = qkv[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
-            a = _cascade(state, i, qk[:, :heads], qk[:, heads:], v, layer.attention.scaling)
-            hidden = hidden + torch.nn.functional.linear(a.reshape(rows, heads * d), *layer.out)
-            gate, up = torch.nn.functional.linear(
-                layer.norms[1](hidden).to(self.dtype), *layer.gate_up
-            ).chunk(2, -1)
-            hidden = hidden + torch.nn.functional.linear(layer.act(gate) * up, *layer.down)
+            attention = layer.attention
+            q, k, v = layer_input(
+                hidden,
+                layer.norms[0],
+                layer.qkv,
+                getattr(attention, "q_norm", None),
+                getattr(attention, "k_norm", None),
+                cos,
+                sin,
+                self.heads,
+                self.kv_heads,
+                self.dtype,
+            )
+            state.store(i, k, v)
+            hidden = layer_output(
+                hidden,
+                q,
+                state.layer(i),
+                state.n,
+                attention.scaling,
+                layer.out,
+                layer.norms[1],
+                layer.gate_up,
+                layer.down,
+                layer.act,
+                self.dtype,
+            )
         return self.body.norm(hidden)
 
 
@@ -227,12 +329,14 @@ def sample(
     pad_id: int,
     stop_check=None,
     fast: bool = True,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sample `n` continuations of every left-padded prompt row; returns token ids and their log-probs
     (log-softmax of logits / temperature, full vocabulary), both [prompts * n, T], prompt-major.
     temperature 0 is greedy. Rows end at an EOS id (later positions hold `pad_id`); the loop stops
     when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended. `fast`
-    decodes with `_Step` where the model's layers allow (False: through the model's forward)."""
+    decodes with `_Step` where the model's layers allow (False: through the model's forward);
+    `compile` runs that step's layers through torch.compile (`_Step`)."""
     body, head = decoder(model), model.get_output_embeddings()
     rows, device = input_ids.shape[0] * n, input_ids.device
     state = _prefill(model, input_ids, attention, n, max_new_tokens)
@@ -242,7 +346,7 @@ def sample(
     out_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((rows, max_new_tokens), device=device)
     live = torch.ones(rows, dtype=torch.bool, device=device)
-    step = _Step.build(model, state.new_keys[0].dtype) if fast else None
+    step = _Step.build(model, state.new_keys[0].dtype, compile) if fast else None
 
     def forward(t: int) -> Tensor:
         if step is not None:
