@@ -22,6 +22,7 @@ from trgrpo.learner.batch import collate, to_device
 from trgrpo.learner.logprobs import response_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
+from trgrpo.rollout import prefix_decode
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.run import distributed
 from trgrpo.run.records import Example, Reward, Rollout, Sampling
@@ -38,11 +39,13 @@ STEP = (
 )
 
 
-def _rollouts(model, tokenizer, *, n_prompts=3, n=4, seed=0, precision="fp32") -> list[Rollout]:
+def _rollouts(
+    model, tokenizer, *, n_prompts=3, n=4, seed=0, precision="fp32", compile=False
+) -> list[Rollout]:
     """Sampled on the model's device; prompts of different lengths, rewards that vary in a group."""
     prompts = [f"What is {i} + {3 * i}?" + " Think." * i for i in range(n_prompts)]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    engine = HFEngine(model, tokenizer, precision=precision)
+    engine = HFEngine(model, tokenizer, precision=precision, compile=compile)
     comps = engine.generate(ids, Sampling(temperature=1.0, max_new_tokens=16, n=n, seed=seed))
     return [
         Rollout(Example(str(k // n), prompts[k // n], "0"), tuple(ids[k // n]), c, Reward(float(k % 2)))
@@ -62,10 +65,15 @@ def _logprobs_and_grads(model, mb, weights, **kwargs):
     return logprobs.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def test_the_engine_on_cuda_samples_what_the_learner_scores(tiny):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_the_engine_on_cuda_samples_what_the_learner_scores(tiny, compile, monkeypatch):
+    """compiled: rollout.compile=true's decode step through inductor's triton kernels (auto keeps GPUs
+    eager until this has passed on one)."""
     model, tokenizer, _ = tiny
     model = copy.deepcopy(model).to(CUDA).eval()
-    mb = _microbatch(_rollouts(model, tokenizer, seed=3), tokenizer.pad_token_id)
+    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    mb = _microbatch(_rollouts(model, tokenizer, seed=3, compile=compile), tokenizer.pad_token_id)
+    assert not prefix_decode._compile_failed
     with torch.no_grad():
         learner, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
     diff = (learner - mb.sampler_logprobs).abs()[mb.response_mask]
