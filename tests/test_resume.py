@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,30 @@ def test_a_state_file_holding_a_pickled_object_is_refused(tmp_path):
     assert len(errors) == 1 and "trgrpo train: error: trainer.resume:" in errors[0], out[-3000:]
     assert "trainer_state.pt holds an object that is not a tensor or plain value" in errors[0]
     assert "Traceback" not in out and not marker.exists()
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX") or "g++") is None, reason="inductor needs a C++ compiler on CPU"
+)
+def test_a_run_with_the_compiled_decode_step_resumes_exactly(tiny, tmp_path):
+    """rollout.compile=true under bf16, evaluating between training steps: the resumed process meets
+    the shapes in another order than the uninterrupted one (its first decode is step 3's, not step 0's
+    evaluation) and compiles afresh, and still logs the same numbers bit for bit."""
+    common = (
+        "rollout.compile=true",
+        "trainer.precision=bf16",
+        "trainer.eval_every=2",
+        "trainer.save_every=2",
+    )
+    whole = start_train(tmp_path / "whole", *common, "trainer.steps=4")
+    part = start_train(tmp_path / "part", *common, "trainer.steps=2")
+    for proc in (whole, part):
+        out = finish(proc)
+        assert proc.returncode == 0, out[-3000:]
+    resumed = start_train(tmp_path / "part", *common, "trainer.steps=4", "trainer.resume=auto")
+    out = finish(resumed)
+    assert resumed.returncode == 0, out[-3000:]
+    status = json.loads((tmp_path / "part" / "run.json").read_text())
+    assert status["decode_compile"] == "true" and status["resumed_from"].endswith("step_2")
+    assert "torch.compile of the decode step failed" not in out
+    assert_same_rows(comparable(tmp_path / "part"), comparable(tmp_path / "whole"))

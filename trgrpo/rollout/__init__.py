@@ -25,6 +25,7 @@ def decode_compile(cfg: RolloutConfig, device: torch.device | str = "cpu") -> bo
     checked on one: true opts in) and for the vllm engine."""
     value = str(cfg.compile).lower()
     if value != "auto":
+        cfg.compile = value  # Hydra reads `true` as a bool, which the str field keeps as "True"
         return value == "true"
     device = torch.device(device)
     if cfg.engine != "hf":

@@ -88,7 +88,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     rows, heads, _, d = query.shape
     state, layer = shared_prefix, module.layer_idx
     state.store(layer, key[:, :, -1], value[:, :, -1])
-    out = _cascade(query[:, :, -1], *state.layer(layer), n=state.n, scaling=scaling)
+    out = _cascade(query[:, :, -1], *state.layer(layer), scaling=scaling)
     return out.to(query.dtype).reshape(rows, 1, heads, d), None
 
 
@@ -101,17 +101,17 @@ def _cascade(
     values: Tensor,
     bias: Tensor,
     *,
-    n: int,
     scaling: float | None,
 ) -> Tensor:
     """Cascade attention of one decode step: query [rows, heads, d]; each row's generated keys and
     values [rows, kv_heads, T, d] (this step's already stored) with `future` masking the positions not
     yet decoded; the prompts' keys and values [prompts, kv_heads, P, d] with their padding `bias`, each
-    shared by `n` consecutive rows. Returns [rows, heads, d] in the caches' dtype."""
+    shared by rows / prompts consecutive rows. Returns [rows, heads, d] in the caches' dtype."""
     rows, heads, d = query.shape
     kv_heads = own_k.shape[1]
     r = heads // kv_heads
-    prompts = rows // n
+    prompts = keys.shape[0]
+    n = rows // prompts
     scale = scaling if scaling is not None else d**-0.5
     dtype = own_k.dtype
     q = (query.reshape(rows, kv_heads, r, d) * scale).to(dtype)  # query heads under their kv head (GQA)
@@ -174,10 +174,10 @@ def _layer_input(hidden, norm, qkv, q_norm, k_norm, cos, sin, heads: int, kv_hea
     return qk[:, :heads], qk[:, heads:], mixed[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
 
 
-def _layer_output(hidden, query, attended, n: int, scaling, out, norm, gate_up, down, act, dtype):
+def _layer_output(hidden, query, attended, scaling, out, norm, gate_up, down, act, dtype):
     """The rest of the layer once this step's keys and values are stored: cascade attention over
     `attended` (`_Prefix.layer`), the output projection and the gated MLP, each added to the stream."""
-    a = _cascade(query, *attended, n=n, scaling=scaling)
+    a = _cascade(query, *attended, scaling=scaling)
     hidden = hidden + torch.nn.functional.linear(a.reshape(hidden.shape[0], -1), *out)
     gate, up = torch.nn.functional.linear(norm(hidden).to(dtype), *gate_up).chunk(2, -1)
     return hidden + torch.nn.functional.linear(act(gate) * up, *down)
@@ -214,8 +214,12 @@ class _Step:
     the eager sampling time on the ~10M bench model, docs/BENCHMARKS.md). The first call per new shape
     compiles (~10-15 s on 2 cores, ~2 s from inductor's on-disk cache); fused kernels round bf16
     intermediates once instead of per op, so samples are not bit-identical to the eager step's (the
-    same distribution; tested close to the model's forward). Where compilation fails (no C++ compiler,
-    an inductor error) the step logs why once and runs eager for the rest of the process."""
+    same distribution; tested close to the model's forward). Shapes are compiled static and torch
+    marks a size dynamic when it first changes (a new prompt width: one more compile of ~3 s); marking
+    the varying sizes dynamic from the first call avoids that but ran 0.72-0.79x of eager against
+    0.62-0.68x. A resumed run compiles in another order and logs what the uninterrupted run logged
+    (tests/test_resume.py). Where compilation fails (no C++ compiler, an inductor error) the step logs
+    why once and runs eager for the rest of the process."""
 
     def __init__(self, body, dtype: torch.dtype, compile: bool = False):
         self.body, self.dtype, self.compile = body, dtype, compile and not _compile_failed
@@ -285,7 +289,6 @@ class _Step:
                 hidden,
                 q,
                 state.layer(i),
-                state.n,
                 attention.scaling,
                 layer.out,
                 layer.norms[1],
