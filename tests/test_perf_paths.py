@@ -14,7 +14,7 @@ from conftest import FAST, make_cfg
 from trgrpo.config.validation import problems
 from trgrpo.learner.attention import ATTENTION_NAME, use_cpu_attention
 from trgrpo.learner.batch import collate
-from trgrpo.learner.logprobs import Scorer, response_logprobs, token_logprobs
+from trgrpo.learner.logprobs import VOCAB_BLOCK, Scorer, response_logprobs, token_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.run.records import Example, Reward, Rollout, Sampling
@@ -164,7 +164,8 @@ def collate_rows(mb, seed):
 
 def test_chunked_logprobs_over_a_150k_vocabulary_equal_the_naive_ones():
     """The naive pass (full [M, V] logits) runs in float64 as the exact reference; chunked float32
-    log-probs agree to 1e-5 (a float32 naive pass itself is off by ~1e-5 at V = 151,936), the
+    log-probs (over tokens, and over the vocabulary in blocks whose log-normalisers and entropies are
+    combined: the blocks' memory, not the vocabulary's) agree to 1e-5 (a float32 naive pass itself is off by ~1e-5 at V = 151,936), the
     entropy (a float32 sum of 151,936 terms) to a relative 1e-4."""
     torch.manual_seed(0)
     vocab, hidden_size, tokens = 151_936, 16, 9
@@ -173,9 +174,17 @@ def test_chunked_logprobs_over_a_150k_vocabulary_equal_the_naive_ones():
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     targets = torch.randint(vocab, (tokens,))
     upstream = torch.randn(tokens)  # a per-token gradient, as advantages and weights give
-    for temperature in (0.7, 1.0):
+    # vocabulary blocks: the default, one that does not divide V, and the whole vocabulary at once
+    for temperature, block in ((0.7, VOCAB_BLOCK), (1.0, VOCAB_BLOCK), (0.7, 40_000), (1.0, vocab)):
         chunked, entropy = token_logprobs(
-            hidden, weight, bias, targets, temperature=temperature, chunk=4, with_entropy=True
+            hidden,
+            weight,
+            bias,
+            targets,
+            temperature=temperature,
+            chunk=4,
+            with_entropy=True,
+            vocab_block=block,
         )
         logits = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double())
         logp = torch.log_softmax(logits / temperature, dim=-1)

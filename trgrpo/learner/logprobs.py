@@ -1,8 +1,9 @@
 """Per-token log-probs and entropy of the response tokens, without a [B, T, V] float32 tensor.
 
 The model's body gives hidden states; the lm_head, log-softmax and gather run over chunks of
-`chunk` response tokens, each in one autograd function (`_HeadLogprobs`) whose backward recomputes
-its logits instead of keeping them: peak memory is one chunk of logits, whatever the vocabulary.
+`chunk` response tokens, each in one autograd function (`_HeadLogprobs`) that goes over the
+vocabulary in blocks of VOCAB_BLOCK ids and whose backward recomputes its logits instead of keeping
+them: peak memory is one [chunk, block] buffer of logits, whatever the vocabulary.
 log p is the log-softmax of logits / temperature over the full vocabulary (ALGORITHMS.md).
 
 With precision "bf16" the model body runs under autocast (bfloat16 matmuls, float32 weights and
@@ -21,47 +22,79 @@ from torch import Tensor
 from trgrpo.learner.batch import MicroBatch
 from trgrpo.models.body import decoder, dynamic_cache, select_rows, with_cache
 
+# Vocabulary ids per block of the head: a chunk's float32 logits are [chunk, VOCAB_BLOCK] at most
+# (64 MB at 1,024 tokens), whatever the vocabulary (SmolLM2's 49,152: 3 blocks; Qwen's 151,936: 10).
+VOCAB_BLOCK = 16384
+
 
 class _HeadLogprobs(torch.autograd.Function):
-    """log p(target) of one chunk of tokens through the lm_head, and (if asked) the entropy, from
-    one head matmul; the backward recomputes the chunk's logits instead of keeping them.
+    """log p(target) of one chunk of tokens through the lm_head, and (if asked) the entropy, in
+    blocks of `block` vocabulary ids; the backward recomputes each block's logits instead of keeping
+    them.
 
-    What `torch.utils.checkpoint` around a log-softmax would do, with less work: the forward keeps
-    only the log-normaliser (one float per token) and computes the entropy from the same logits (a
-    separate pass cost another head matmul); the backward forms d log p / d logits = onehot − softmax
-    in place in the recomputed logits' buffer, then the two matmuls. At T = 1 no division is made.
-    Peak memory: one [chunk, V] float32 buffer (two with the entropy), whatever the vocabulary."""
+    Each block gives its log-normaliser lse_b and (for the entropy) its own softmax-weighted mean
+    logit e_b = Σ_{i∈b} softmax_b(l)_i l_i; then lse = logsumexp_b(lse_b), log p(y) = l_y − lse and
+    H = −Σ p log p = lse − Σ_b exp(lse_b − lse) e_b. The forward keeps only lse (one float per token);
+    the backward forms d log p / d logits = onehot − softmax block by block in the recomputed logits'
+    buffer, then the two matmuls into the block's rows of the weight's gradient. At T = 1 no division
+    is made. Peak memory: one [chunk, block] float32 buffer (two with the entropy), whatever the
+    vocabulary."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
-        logits = _logits(hidden, weight, bias, temperature)
-        lse = torch.logsumexp(logits, dim=-1)
-        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-        entropy = None
-        if with_entropy:
-            logp = logits.sub_(lse[:, None])  # the logits' buffer, now log-softmax
-            entropy = -torch.linalg.vecdot(logp.exp(), logp)  # -Σ p log p, no [chunk, V] product kept
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, block: int):
+        target_logit = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        lses, means = [], []
+        for start in range(0, weight.shape[0], block):
+            logits = _logits(hidden, *_rows(weight, bias, start, block), temperature)
+            width = logits.shape[1]
+            lse_b = torch.logsumexp(logits, dim=-1)
+            inside = (targets >= start) & (targets < start + width)
+            picked = logits.gather(-1, (targets - start).clamp(0, width - 1)[:, None]).squeeze(-1)
+            target_logit = torch.where(inside, picked, target_logit)
+            lses.append(lse_b)
+            if with_entropy:  # Σ softmax_b · l, no [chunk, block] product kept
+                means.append(torch.linalg.vecdot((logits - lse_b[:, None]).exp_(), logits))
+        lse_blocks = torch.stack(lses, dim=-1)
+        lse = torch.logsumexp(lse_blocks, dim=-1)
+        logprobs = target_logit - lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature = temperature
-        if entropy is None:
+        ctx.temperature, ctx.block = temperature, block
+        if not with_entropy:
             return logprobs, None
+        entropy = lse - torch.linalg.vecdot((lse_blocks - lse[:, None]).exp(), torch.stack(means, dim=-1))
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grad = _logits(hidden, weight, bias, ctx.temperature)
-        grad.sub_(lse[:, None]).exp_().mul_(-grad_logprobs[:, None])  # −g · softmax
-        grad.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])  # + g at the target
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
-        grad = grad.to(weight.dtype)
         need = ctx.needs_input_grad
-        grad_hidden = grad @ weight if need[0] else None
-        grad_weight = grad.T @ hidden if need[1] else None
-        grad_bias = grad.sum(0) if bias is not None and need[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        grad_hidden = torch.zeros_like(hidden) if need[0] else None
+        grad_weight = torch.empty_like(weight) if need[1] else None
+        grad_bias = torch.empty_like(bias) if bias is not None and need[2] else None
+        for start in range(0, weight.shape[0], ctx.block):
+            rows, rows_bias = _rows(weight, bias, start, ctx.block)
+            grad = _logits(hidden, rows, rows_bias, ctx.temperature)
+            width = grad.shape[1]
+            grad.sub_(lse[:, None]).exp_().mul_(-grad_logprobs[:, None])  # −g · softmax
+            inside = (targets >= start) & (targets < start + width)
+            at = (targets - start).clamp(0, width - 1)[:, None]
+            grad.scatter_add_(-1, at, (grad_logprobs * inside)[:, None])  # + g at the target
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden.addmm_(grad, rows)
+            if grad_weight is not None:
+                torch.mm(grad.T, hidden, out=grad_weight[start : start + width])
+            if grad_bias is not None:
+                grad_bias[start : start + width] = grad.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _rows(weight: Tensor, bias: Tensor | None, start: int, block: int) -> tuple[Tensor, Tensor | None]:
+    """The head's vocabulary rows start .. start + block (views, no copy)."""
+    return weight[start : start + block], None if bias is None else bias[start : start + block]
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
@@ -79,12 +112,16 @@ def token_logprobs(
     temperature: float,
     chunk: int,
     with_entropy: bool = False,
+    vocab_block: int = VOCAB_BLOCK,
 ) -> tuple[Tensor, Tensor | None]:
-    """hidden [M, H], targets [M] → (logprobs [M], entropy [M] or None), chunked over M."""
+    """hidden [M, H], targets [M] → (logprobs [M], entropy [M] or None), chunked over M (`chunk`
+    tokens) and over the vocabulary (`vocab_block` ids)."""
     pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start : start + chunk], targets[start : start + chunk]
-        logprobs, entropy = _HeadLogprobs.apply(h, weight, bias, y, float(temperature), with_entropy)
+        logprobs, entropy = _HeadLogprobs.apply(
+            h, weight, bias, y, float(temperature), with_entropy, vocab_block
+        )
         pieces.append(logprobs)
         if with_entropy:
             entropies.append(entropy)
