@@ -22,7 +22,7 @@ from trgrpo.learner.batch import collate, to_device
 from trgrpo.learner.logprobs import response_logprobs
 from trgrpo.models.chat import encode_prompt
 from trgrpo.models.load import load_policy
-from trgrpo.rollout import prefix_decode
+from trgrpo.rollout import decode_step
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.run import distributed
 from trgrpo.run.records import Example, Reward, Rollout, Sampling
@@ -71,9 +71,9 @@ def test_the_engine_on_cuda_samples_what_the_learner_scores(tiny, compile, monke
     eager until this has passed on one)."""
     model, tokenizer, _ = tiny
     model = copy.deepcopy(model).to(CUDA).eval()
-    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    monkeypatch.setattr(decode_step, "_compile_failed", [])
     mb = _microbatch(_rollouts(model, tokenizer, seed=3, compile=compile), tokenizer.pad_token_id)
-    assert not prefix_decode._compile_failed
+    assert not decode_step._compile_failed
     with torch.no_grad():
         learner, _ = response_logprobs(model, mb, temperature=1.0, chunk=64)
     diff = (learner - mb.sampler_logprobs).abs()[mb.response_mask]

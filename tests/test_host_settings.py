@@ -18,7 +18,7 @@ from trgrpo.config.plan import plan_lines
 from trgrpo.config.schema import ConfigError, TrainerConfig
 from trgrpo.config.validation import problems
 from trgrpo.learner.logprobs import Scorer
-from trgrpo.rollout import prefix_decode
+from trgrpo.rollout import decode_step
 from trgrpo.run import checkpoint, host
 
 
@@ -286,9 +286,9 @@ def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
         Scorer, "forward", lambda self, mb, **kw: used.add(kw["precision"]) or forward(self, mb, **kw)
     )
     compiled = []  # decode steps through the compiled layers (rollout.compile=auto: a C++ compiler here)
-    layer = prefix_decode._compiled_layer
-    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: compiled.append(1) or layer())
-    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    layer = decode_step._compiled_layer
+    monkeypatch.setattr(decode_step, "_compiled_layer", lambda: compiled.append(1) or layer())
+    monkeypatch.setattr(decode_step, "_compile_failed", [])
     monkeypatch.delenv("CXX", raising=False)
     compiler = shutil.which("g++")
     cfg = make_cfg(
@@ -302,7 +302,7 @@ def test_a_run_records_the_resolved_values(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="trgrpo"):
         run(cfg, tmp_path)
     assert used == {"bf16"}
-    assert bool(compiled) == (compiler is not None) and not prefix_decode._compile_failed
+    assert bool(compiled) == (compiler is not None) and not decode_step._compile_failed
     status = json.loads((tmp_path / "run.json").read_text())
     assert (status["threads"], status["precision"], status["fp32_matmul"]) == (1, "bf16", "medium")
     assert status["decode_compile"] == ("true" if compiler else "false")

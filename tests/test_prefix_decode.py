@@ -16,7 +16,7 @@ from conftest import make_cfg
 from trgrpo.config.schema import ConfigError
 from trgrpo.config.validation import problems
 from trgrpo.models.chat import encode_prompt
-from trgrpo.rollout import prefix_decode
+from trgrpo.rollout import decode_step, prefix_decode
 from trgrpo.rollout.hf_engine import HFEngine
 from trgrpo.run.records import Sampling
 
@@ -120,16 +120,16 @@ def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "llama-bias", "mistral-full"])
 def test_decode_step_equals_the_models_own_forward(tiny, kind, precision):
-    """`_Step` (joined projections, no transformers machinery per token) samples the same tokens with
+    """`decode_step.Step` (joined projections, no transformers machinery per token) samples the same tokens with
     the same log-probs as decoding through the model's forward, in fp32 and under bf16 autocast, for
     every architecture it claims; and it is the path taken."""
     model, tokenizer, _ = tiny
     if kind != "llama":
         model = _random_model(kind, model.config.vocab_size)
-    assert prefix_decode.supports(model) and prefix_decode._Step.build(model, torch.float32) is not None
+    assert prefix_decode.supports(model) and decode_step.Step.build(model, torch.float32) is not None
     ids, attention = _left_padded(_prompts(tokenizer), tokenizer.pad_token_id)
     calls = []
-    step_call = prefix_decode._Step.__call__
+    step_call = decode_step.Step.__call__
 
     def draw(fast: bool):
         torch.manual_seed(11)
@@ -151,7 +151,7 @@ def test_decode_step_equals_the_models_own_forward(tiny, kind, precision):
         calls.append(self.dtype)
         return step_call(self, *args)
 
-    prefix_decode._Step.__call__ = spy
+    decode_step.Step.__call__ = spy
     try:
         fast_ids, fast_lp = draw(True)
         assert calls and set(calls) == {torch.bfloat16 if precision == "bf16" else torch.float32}
@@ -159,21 +159,21 @@ def test_decode_step_equals_the_models_own_forward(tiny, kind, precision):
         slow_ids, slow_lp = draw(False)
         assert not calls
     finally:
-        prefix_decode._Step.__call__ = step_call
+        decode_step.Step.__call__ = step_call
     assert torch.equal(fast_ids, slow_ids)
     assert torch.allclose(fast_lp, slow_lp, atol=1e-5 if precision == "fp32" else 1e-3)
 
 
 def test_layers_the_step_does_not_know_decode_through_the_model(tiny, monkeypatch):
-    """A decoder layer class outside `_STEP_LAYERS` (a new architecture, a subclass) is never run by
-    `_Step`: sampling goes through the model's own forward and gives the same tokens."""
+    """A decoder layer class outside `decode_step.STEP_LAYERS` (a new architecture, a subclass) is never run by
+    `Step`: sampling goes through the model's own forward and gives the same tokens."""
     model, tokenizer, _ = tiny
     engine = HFEngine(model, tokenizer, decode="shared_prefix")
     sampling = Sampling(max_new_tokens=8, n=2, seed=4)
     expected = engine.generate(_prompts(tokenizer), sampling)
-    monkeypatch.setattr(prefix_decode, "_STEP_LAYERS", ("SomeOtherDecoderLayer",))
-    assert prefix_decode._Step.build(model, torch.float32) is None
-    monkeypatch.setattr(prefix_decode._Step, "__call__", lambda *a: pytest.fail("_Step ran"))
+    monkeypatch.setattr(decode_step, "STEP_LAYERS", ("SomeOtherDecoderLayer",))
+    assert decode_step.Step.build(model, torch.float32) is None
+    monkeypatch.setattr(decode_step.Step, "__call__", lambda *a: pytest.fail("Step ran"))
     assert engine.generate(_prompts(tokenizer), sampling) == expected
 
 
@@ -339,19 +339,19 @@ def test_compiled_decode_step_samples_the_models_distribution(tiny, kind, monkey
     prompts = _prompts(tokenizer)
     sampling = Sampling(temperature=1.0, max_new_tokens=10, n=3, seed=7)
     used = []
-    compiled_layer = prefix_decode._compiled_layer
-    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: used.append(1) or compiled_layer())
-    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    compiled_layer = decode_step._compiled_layer
+    monkeypatch.setattr(decode_step, "_compiled_layer", lambda: used.append(1) or compiled_layer())
+    monkeypatch.setattr(decode_step, "_compile_failed", [])
     eager = HFEngine(model, tokenizer, decode="shared_prefix").generate(prompts, sampling)
     assert not used
     compiled = HFEngine(model, tokenizer, decode="shared_prefix", compile=True).generate(prompts, sampling)
-    assert used and not prefix_decode._compile_failed
+    assert used and not decode_step._compile_failed
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     for a, b in zip(compiled, eager):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
     bf16 = HFEngine(model, tokenizer, decode="shared_prefix", precision="bf16", compile=True)
     completions = bf16.generate(prompts, sampling)
-    assert not prefix_decode._compile_failed
+    assert not decode_step._compile_failed
     for c, expected in zip(completions, _teacher_forced(model, prompts, completions, 3)):
         assert torch.allclose(torch.tensor(c.logprobs), expected, atol=0.1)
 
@@ -369,8 +369,8 @@ def test_a_decode_step_that_cannot_compile_decodes_eager_and_says_so_once(tiny, 
         attempts.append(1)
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
 
-    monkeypatch.setattr(prefix_decode, "_compiled_layer", lambda: (broken, broken))
-    monkeypatch.setattr(prefix_decode, "_compile_failed", [])
+    monkeypatch.setattr(decode_step, "_compiled_layer", lambda: (broken, broken))
+    monkeypatch.setattr(decode_step, "_compile_failed", [])
     engine = HFEngine(model, tokenizer, decode="shared_prefix", compile=True)
     with caplog.at_level("WARNING", logger="trgrpo"):
         assert engine.generate(prompts, sampling) == expected

@@ -106,6 +106,7 @@ def problems(cfg: Config) -> list[str]:
     mode, world = str(t.distributed).lower(), launched_world_size()
     out += _one_of(mode, ("auto", "true", "false"), "trainer.distributed")
     out += _one_of(str(t.padding_free).lower(), ("auto", "true", "false"), "trainer.padding_free")
+    out += _one_of(str(r.compile).lower(), ("auto", "true", "false"), "rollout.compile")
     ranks = world if wants_distributed(mode) else 1
     sigmoidal = w.shape in ("sigmoid", "reverse")
     resume_ok = t.resume in (None, "", "none", "false", "auto") or Path(t.resume).expanduser().exists()
@@ -159,10 +160,6 @@ def problems(cfg: Config) -> list[str]:
         (r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 for training (sampling)"),
         (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
         (r.batch_size >= 0, f"rollout.batch_size={r.batch_size} must be ≥ 0 (0 = all prompts at once)"),
-        (
-            str(r.compile).lower() in ("auto", "true", "false"),
-            f"rollout.compile={r.compile!r} is not valid; choose one of: auto, true, false",
-        ),
         (
             r.hf_decode in HF_DECODES,
             f"rollout.hf_decode={r.hf_decode!r} is not valid; choose one of: {', '.join(HF_DECODES)}",

@@ -8,7 +8,7 @@ the G rows' queries of a group against the shared prompt, each row against its o
 so far, with one softmax over both. The same numbers as full attention up to float rounding (tested
 against `generate`).
 
-For Llama, Qwen2/3 and Mistral decoder layers a decode step runs the layers itself (`_Step`: the
+For Llama, Qwen2/3 and Mistral decoder layers a decode step runs the layers itself (`decode_step.Step`: the
 model's own norms, rotary and weights, q/k/v and gate/up joined), optionally through torch.compile
 (rollout.compile); other layers of a supported model type run the model's forward with only the
 attention function swapped, through transformers' `AttentionInterface`. Architectures whose
@@ -18,19 +18,17 @@ others use `generate` (`supports`).
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from trgrpo.models.body import decoder, dynamic_cache, with_cache
+from trgrpo.rollout.cascade import Prefix, cascade
+from trgrpo.rollout.decode_step import Step
 
 ATTENTION_NAME = "trgrpo_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-
-log = logging.getLogger("trgrpo")
 
 
 def supports(model) -> bool:
@@ -46,258 +44,14 @@ def supports(model) -> bool:
     return model.get_output_embeddings() is not None
 
 
-@dataclass
-class _Prefix:
-    """Per layer: the prompts' keys/values [prompts, kv_heads, P, d] (left-padded), the additive mask
-    [prompts, 1, 1, P] (-inf at padding), and every row's generated keys/values [rows, kv_heads, T, d]."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    bias: Tensor
-    new_keys: list[Tensor]
-    new_values: list[Tensor]
-    future: Tensor  # [max_new_tokens] additive mask of the generated positions: 0 up to `step`, -inf after
-    n: int  # rows per prompt
-    step: int = 0  # index of the token being decoded
-
-    def advance(self, t: int) -> None:
-        self.step = t
-        self.future[t] = 0.0
-
-    def store(self, layer: int, key: Tensor, value: Tensor) -> None:
-        """This step's key and value [rows, kv_heads, d] of every row, at position `step`."""
-        self.new_keys[layer][:, :, self.step] = key
-        self.new_values[layer][:, :, self.step] = value
-
-    def layer(self, layer: int) -> tuple[Tensor, ...]:
-        """What `_cascade` reads for one layer: own keys, own values, future mask, prompt keys, prompt
-        values, prompt padding bias."""
-        return (
-            self.new_keys[layer],
-            self.new_values[layer],
-            self.future,
-            self.keys[layer],
-            self.values[layer],
-            self.bias,
-        )
-
-
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **_):
     """One decode step (query length 1) through transformers' `AttentionInterface`; returns
     [rows, 1, heads, d]."""
     rows, heads, _, d = query.shape
     state, layer = shared_prefix, module.layer_idx
     state.store(layer, key[:, :, -1], value[:, :, -1])
-    out = _cascade(query[:, :, -1], *state.layer(layer), scaling=scaling)
+    out = cascade(query[:, :, -1], *state.layer(layer), scaling=scaling)
     return out.to(query.dtype).reshape(rows, 1, heads, d), None
-
-
-def _cascade(
-    query: Tensor,
-    own_k: Tensor,
-    own_v: Tensor,
-    future: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    bias: Tensor,
-    *,
-    scaling: float | None,
-) -> Tensor:
-    """Cascade attention of one decode step: query [rows, heads, d]; each row's generated keys and
-    values [rows, kv_heads, T, d] (this step's already stored) with `future` masking the positions not
-    yet decoded; the prompts' keys and values [prompts, kv_heads, P, d] with their padding `bias`, each
-    shared by rows / prompts consecutive rows. Returns [rows, heads, d] in the caches' dtype."""
-    rows, heads, d = query.shape
-    kv_heads = own_k.shape[1]
-    r = heads // kv_heads
-    prompts = keys.shape[0]
-    n = rows // prompts
-    scale = scaling if scaling is not None else d**-0.5
-    dtype = own_k.dtype
-    q = (query.reshape(rows, kv_heads, r, d) * scale).to(dtype)  # query heads under their kv head (GQA)
-    # Each row against the whole buffer of its generated keys, the positions not yet decoded masked:
-    # a slice [:t+1] would be copied into a contiguous tensor by every matmul, a growing copy per
-    # layer and step that cost more than the attention itself (most of a bf16 decode on CPU).
-    scores = q @ own_k.transpose(-1, -2) + future  # [rows, kv_heads, r, max_new_tokens]
-    width = keys.shape[-2]
-    if width:
-
-        def by_prompt(x):  # [rows, kv_heads, r, k] -> [prompts, kv_heads, n*r, k]
-            return x.view(prompts, n, kv_heads, r, -1).transpose(1, 2).reshape(prompts, kv_heads, n * r, -1)
-
-        def by_row(x):  # the inverse of by_prompt
-            return x.view(prompts, kv_heads, n, r, -1).transpose(1, 2).reshape(rows, kv_heads, r, -1)
-
-        shared = by_prompt(q) @ keys.transpose(-1, -2) + bias
-        scores = torch.cat([by_row(shared), scores], dim=-1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-    out = probs[..., width:] @ own_v
-    if width:
-        out = out + by_row(by_prompt(probs[..., :width]) @ values)
-    return out.reshape(rows, heads, d)
-
-
-# Decoder layers whose forward `_Step` reproduces: pre-norm attention with rotary q and k (Qwen3:
-# after a per-head RMSNorm of each) and a gated MLP, each added to the residual stream.
-_STEP_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-
-
-@dataclass
-class _Layer:
-    attention: torch.nn.Module  # for its layer_idx, scaling and (Qwen3) q_norm / k_norm
-    norms: tuple[torch.nn.Module, torch.nn.Module]  # before attention, before the MLP
-    qkv: tuple[Tensor, Tensor | None]  # q, k and v projections as one (weight, bias)
-    out: tuple[Tensor, Tensor | None]
-    gate_up: tuple[Tensor, Tensor | None]  # gate and up projections as one
-    down: tuple[Tensor, Tensor | None]
-    act: object
-
-
-def _joined(linears, dtype) -> tuple[Tensor, Tensor | None]:
-    """The linears' weights (and biases) stacked into one, in `dtype`: one matmul for all of them."""
-    weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
-    biases = [m.bias for m in linears]
-    bias = None if biases[0] is None else biases[0] if len(linears) == 1 else torch.cat(biases)
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _layer_input(hidden, norm, qkv, q_norm, k_norm, cos, sin, heads: int, kv_heads: int, dtype):
-    """A decoder layer's attention input for one token per row: q [rows, heads, d] and k, v
-    [rows, kv_heads, d]; q and k after (Qwen3: per-head RMSNorm and) rotary, in the stream's dtype."""
-    rows, d = hidden.shape[0], cos.shape[-1]
-    mixed = torch.nn.functional.linear(norm(hidden).to(dtype), *qkv)
-    qk = mixed[:, : (heads + kv_heads) * d].view(rows, heads + kv_heads, d)
-    if q_norm is not None:
-        qk = torch.cat([q_norm(qk[:, :heads]), k_norm(qk[:, heads:])], dim=1)
-    half = d // 2
-    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-    return qk[:, :heads], qk[:, heads:], mixed[:, (heads + kv_heads) * d :].view(rows, kv_heads, d)
-
-
-def _layer_output(hidden, query, attended, scaling, out, norm, gate_up, down, act, dtype):
-    """The rest of the layer once this step's keys and values are stored: cascade attention over
-    `attended` (`_Prefix.layer`), the output projection and the gated MLP, each added to the stream."""
-    a = _cascade(query, *attended, scaling=scaling)
-    hidden = hidden + torch.nn.functional.linear(a.reshape(hidden.shape[0], -1), *out)
-    gate, up = torch.nn.functional.linear(norm(hidden).to(dtype), *gate_up).chunk(2, -1)
-    return hidden + torch.nn.functional.linear(act(gate) * up, *down)
-
-
-# torch.compile'd `_layer_input` and `_layer_output`, made once per process: every layer of every
-# model of the same architecture and shapes reuses one compiled graph each (dynamo guards on the
-# modules' classes and the tensors' shapes, not on which layer passes them).
-_COMPILED: dict[str, object] = {}
-_compile_failed: list[str] = []  # why compilation failed in this process (then every step runs eager)
-
-
-def _compiled_layer():
-    if not _COMPILED:
-        _COMPILED["input"] = torch.compile(_layer_input, dynamic=None)
-        _COMPILED["output"] = torch.compile(_layer_output, dynamic=None)
-    return _COMPILED["input"], _COMPILED["output"]
-
-
-class _Step:
-    """One decode step of the whole body, for the decoder layers in `_STEP_LAYERS`, without
-    transformers' per-call machinery (keyword plumbing, masks, hooks: most of the ~1,150 ops a step of
-    the ~10M bench model issued) and with q/k/v and gate/up each as one matmul.
-
-    The numbers are those of the model's own forward under the engine's autocast: the same residual
-    stream (the parameters' dtype), the same RMSNorm and rotary modules, matmuls in `dtype` with their
-    outputs added to the stream, and q and k after rotary in the stream's dtype (tested against the
-    transformers path). The joined weights are copies in `dtype`, made per `sample` call (the weights
-    change at every optimizer step): under bf16 they take the place of the bf16 copies autocast would
-    cache; in fp32 they are three quarters of the body's size, less than the gradients an update holds.
-
-    `compile` (rollout.compile) runs each layer's two halves through `torch.compile` (inductor): the
-    norms, rotary, masking, softmax and SwiGLU fuse into a few kernels around the matmuls (0.65x of
-    the eager sampling time on the ~10M bench model, docs/BENCHMARKS.md). The first call per new shape
-    compiles (~10-15 s on 2 cores, ~2 s from inductor's on-disk cache); fused kernels round bf16
-    intermediates once instead of per op, so samples are not bit-identical to the eager step's (the
-    same distribution; tested close to the model's forward). Shapes are compiled static and torch
-    marks a size dynamic when it first changes (a new prompt width: one more compile of ~3 s); marking
-    the varying sizes dynamic from the first call avoids that but ran 0.72-0.79x of eager against
-    0.62-0.68x. A resumed run compiles in another order and logs what the uninterrupted run logged
-    (tests/test_resume.py). Where compilation fails (no C++ compiler, an inductor error) the step logs
-    why once and runs eager for the rest of the process."""
-
-    def __init__(self, body, dtype: torch.dtype, compile: bool = False):
-        self.body, self.dtype, self.compile = body, dtype, compile and not _compile_failed
-        self.layers = []
-        for layer in body.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _Layer(
-                    attention,
-                    (layer.input_layernorm, layer.post_attention_layernorm),
-                    _joined([attention.q_proj, attention.k_proj, attention.v_proj], dtype),
-                    _joined([attention.o_proj], dtype),
-                    _joined([mlp.gate_proj, mlp.up_proj], dtype),
-                    _joined([mlp.down_proj], dtype),
-                    mlp.act_fn,
-                )
-            )
-        config = body.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-
-    @classmethod
-    def build(cls, model, dtype: torch.dtype, compile: bool = False) -> _Step | None:
-        """The step for this model, or None where its layers are not ones it reproduces."""
-        body = decoder(model)
-        if not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
-            return None
-        if any(type(layer).__name__ not in _STEP_LAYERS for layer in body.layers):
-            return None
-        return cls(body, dtype, compile)
-
-    def __call__(self, token: Tensor, position: Tensor, state: _Prefix) -> Tensor:
-        """The final hidden state [rows, hidden] of each row's next token at its position."""
-        if self.compile:
-            try:
-                return self._run(token, position, state, *_compiled_layer())
-            except Exception as err:  # any compiler failure: decode eager instead
-                _compile_failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
-                log.warning(
-                    "rollout.compile: torch.compile of the decode step failed (%s); decoding without it "
-                    "(set rollout.compile=false to skip the attempt)",
-                    _compile_failed[0],
-                )
-                self.compile = False
-        # Eager. After a failed compiled step it is recomputed whole: it rewrites the same cache slots.
-        return self._run(token, position, state, _layer_input, _layer_output)
-
-    def _run(self, token: Tensor, position: Tensor, state: _Prefix, layer_input, layer_output) -> Tensor:
-        hidden = self.body.embed_tokens(token)
-        cos, sin = self.body.rotary_emb(hidden, position[:, None])  # [rows, 1, d], the stream's dtype
-        for i, layer in enumerate(self.layers):
-            attention = layer.attention
-            q, k, v = layer_input(
-                hidden,
-                layer.norms[0],
-                layer.qkv,
-                getattr(attention, "q_norm", None),
-                getattr(attention, "k_norm", None),
-                cos,
-                sin,
-                self.heads,
-                self.kv_heads,
-                self.dtype,
-            )
-            state.store(i, k, v)
-            hidden = layer_output(
-                hidden,
-                q,
-                state.layer(i),
-                attention.scaling,
-                layer.out,
-                layer.norms[1],
-                layer.gate_up,
-                layer.down,
-                layer.act,
-                self.dtype,
-            )
-        return self.body.norm(hidden)
 
 
 def _register() -> None:
@@ -338,8 +92,8 @@ def sample(
     (log-softmax of logits / temperature, full vocabulary), both [prompts * n, T], prompt-major.
     temperature 0 is greedy. Rows end at an EOS id (later positions hold `pad_id`); the loop stops
     when every row has ended or `stop_check(ids so far, live rows)` marks the rest ended. `fast`
-    decodes with `_Step` where the model's layers allow (False: through the model's forward);
-    `compile` runs that step's layers through torch.compile (`_Step`)."""
+    decodes with `decode_step.Step` where the model's layers allow (False: through the model's forward);
+    `compile` runs that step's layers through torch.compile (`decode_step.Step`)."""
     body, head = decoder(model), model.get_output_embeddings()
     rows, device = input_ids.shape[0] * n, input_ids.device
     state = _prefill(model, input_ids, attention, n, max_new_tokens)
@@ -349,7 +103,7 @@ def sample(
     out_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((rows, max_new_tokens), device=device)
     live = torch.ones(rows, dtype=torch.bool, device=device)
-    step = _Step.build(model, state.new_keys[0].dtype, compile) if fast else None
+    step = Step.build(model, state.new_keys[0].dtype, compile) if fast else None
 
     def forward(t: int) -> Tensor:
         if step is not None:
@@ -419,7 +173,7 @@ def prompt_cache(model, input_ids: Tensor, attention: Tensor):
     return cache
 
 
-def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens: int) -> _Prefix:
+def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens: int) -> Prefix:
     """Every prompt but its last token through the model once (the last one is decode step 0)."""
     cache = prompt_cache(model, input_ids, attention)
     config = model.config
@@ -441,7 +195,7 @@ def _prefill(model, input_ids: Tensor, attention: Tensor, n: int, max_new_tokens
     def buffer():
         return torch.zeros((prompts * n, kv_heads, max_new_tokens, head_dim), dtype=dtype, device=device)
 
-    return _Prefix(
+    return Prefix(
         keys,
         values,
         bias[:, None, None, :],
